@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Creates or completes the virtual environment with the verified stack (../shared/STACK.md):
+# torch first, Horovod compiled against it with Gloo, then this package and its pins.
+# Each step is skipped when what it installs is already there, so a second run is quick.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+PYTHON=${PYTHON:-python3.11}
+TORCH_VERSION=2.13.0
+HOROVOD_VERSION=0.28.1
+
+[ -x "$VENV/bin/python" ] || { echo "==> creating $VENV"; "$PYTHON" -m venv "$VENV"; }
+py="$VENV/bin/python"
+pip() { "$py" -m pip --disable-pip-version-check "$@"; }
+installed() { "$py" -c "import importlib.metadata as m, sys; sys.exit(m.version('$1') != '$2')" 2>/dev/null; }
+
+if ! installed torch "$TORCH_VERSION"; then
+  echo "==> installing torch $TORCH_VERSION (CPU wheel where one lies on disk)"
+  pip install "torch==$TORCH_VERSION"
+fi
+
+if ! installed horovod "$HOROVOD_VERSION"; then
+  echo "==> building horovod $HOROVOD_VERSION with PyTorch + Gloo (about 10 minutes on 2 cores)"
+  pip install "setuptools>=77" wheel cloudpickle psutil pyyaml packaging
+  gpu_ops=()
+  if command -v nvcc >/dev/null 2>&1 && [ -n "${HOROVOD_GPU_OPERATIONS:-}" ]; then
+    gpu_ops=(HOROVOD_GPU_OPERATIONS="$HOROVOD_GPU_OPERATIONS")
+  fi
+  env HOROVOD_WITH_PYTORCH=1 HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_MXNET=1 \
+      HOROVOD_WITH_GLOO=1 HOROVOD_WITHOUT_MPI=1 CXX="$PWD/deploy/cxx17" "${gpu_ops[@]}" \
+      "$py" -m pip --disable-pip-version-check install --no-build-isolation "horovod==$HOROVOD_VERSION"
+fi
+
+check=$("$VENV/bin/horovodrun" --check-build)
+for needed in PyTorch Gloo; do
+  if ! grep -q "\[X\] $needed" <<<"$check"; then
+    echo "$check" >&2
+    echo "install.sh: horovod was built without $needed; remove $VENV and run again" >&2
+    exit 1
+  fi
+done
+
+stamp="$VENV/.pipeline-installed"
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  echo "==> installing the pipeline package and its pinned dependencies"
+  pip install -e ".[test]"
+fi
+touch "$stamp"

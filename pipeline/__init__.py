@@ -1,0 +1,1 @@
+"""Batch recommender pipeline: Spark prepare, Horovod training, Spark top-N."""

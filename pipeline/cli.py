@@ -1,0 +1,98 @@
+"""`dmf <stage>`: every stage takes --config FILE and repeatable --set key=value; explicit flags win."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from pipeline import config as config_mod
+from pipeline.config import ConfigError
+from pipeline.storage import StageError
+
+log = logging.getLogger("pipeline")
+
+# flag -> (config key, type, help)
+COMMON = {
+    "--work-dir": ("work_dir", str, "work directory holding prepared/, models/, recommendations/, reports/"),
+    "--dataset": ("dataset", str, "dataset name, used in default output paths"),
+    "--run": ("run", str, "run name, used in default output paths"),
+    "--master": ("spark.master", str, "Spark master, e.g. local[2] (spark-submit sets its own)"),
+}
+STAGE_FLAGS = {
+    "synth": {
+        "--users": ("synth.users", int, "number of users"),
+        "--items": ("synth.items", int, "number of items"),
+        "--ratings": ("synth.ratings", int, "number of ratings"),
+        "--rank": ("synth.rank", int, "rank of the planted user-item structure"),
+        "--noise": ("synth.noise", float, "std of the rating noise"),
+        "--seed": ("synth.seed", int, "random seed"),
+        "--half-stars": ("synth.half_stars", bool, "ratings in half stars 0.5-5 instead of whole stars 1-5"),
+    },
+    "prepare": {
+        "--input": ("prepare.input", str, "MovieLens directory or .zip, or one ratings file (u.data, ratings.dat, ratings.csv, Parquet)"),
+        "--format": ("prepare.format", str, "auto (detected from the files), ml-100k, ml-1m, ml-10m, csv or parquet"),
+        "--min-user-ratings": ("prepare.min_user_ratings", int, "drop users with fewer ratings (repeated until stable)"),
+        "--min-item-ratings": ("prepare.min_item_ratings", int, "drop items with fewer ratings (repeated until stable)"),
+        "--max-reject-fraction": ("prepare.max_reject_fraction", float, "fail when more input rows than this are invalid"),
+        "--split": ("prepare.split.method", str, "random, user_fraction, user_temporal or global_time"),
+        "--valid-fraction": ("prepare.split.fraction", float, "share of ratings for validation"),
+        "--seed": ("prepare.split.seed", int, "split seed"),
+    },
+}
+STAGE_FLAGS["run"] = {"--input": STAGE_FLAGS["prepare"]["--input"]}
+HELP = {
+    "synth": "generate MovieLens-shaped ratings with a planted low-rank structure",
+    "prepare": "ingest, validate, split and remap ratings into Parquet for training",
+    "run": "the whole pipeline: synth (or --input), prepare, and every later stage",
+}
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="dmf", description="Deep matrix factorization recommender on Spark and Horovod.")
+    top.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    commands = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, flags in STAGE_FLAGS.items():
+        p = commands.add_parser(name, help=HELP[name], description=HELP[name])
+        p.add_argument("--config", help="YAML config (see conf/); the built-in defaults are conf/local.yaml")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override one config key, e.g. --set train.lr=0.005 (repeatable)")
+        if name in ("synth", "prepare"):
+            p.add_argument("--out", help="output directory (default under the work directory)")
+        for flag, (key, kind, text) in {**COMMON, **flags}.items():
+            dest = "cfg__" + key.replace(".", "__")
+            if kind is bool:
+                p.add_argument(flag, dest=dest, action="store_const", const=True, help=f"{text} [{key}]")
+            else:
+                p.add_argument(flag, dest=dest, type=kind, help=f"{text} [{key}]")
+    return top
+
+
+def load_config(args) -> config_mod.Config:
+    flags = {k[len("cfg__"):].replace("__", "."): v for k, v in vars(args).items() if k.startswith("cfg__")}
+    return config_mod.load(args.config, args.set, flags)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        cfg = load_config(args)
+        from pipeline import stages  # imports Spark; kept out of --help and config errors
+
+        print(stages.COMMANDS[args.command](cfg, args))
+        return 0
+    except ConfigError as e:
+        print(f"dmf {args.command}: config error: {e}", file=sys.stderr)
+        return 2
+    except StageError as e:
+        print(f"dmf {args.command}: error: {e}", file=sys.stderr)
+        return 1
+
+
+def dump(obj) -> str:
+    return json.dumps(obj, indent=2, default=str)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

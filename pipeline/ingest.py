@@ -1,0 +1,239 @@
+"""Reads every MovieLens ratings format into one shape, each row keeping its file and line.
+
+Formats are told apart by the files, not by directory names:
+  ml-100k  u.data        tab separated, whole stars 1-5, u.item (latin-1, '|') beside it
+  ml-1m    ratings.dat   '::' separated, whole stars 1-5, users.dat and movies.dat (latin-1) beside it
+  ml-10m   ratings.dat   '::' separated, half stars 0.5-5, tags.dat and movies.dat beside it
+  csv      ratings.csv   header userId,movieId,rating,timestamp, half stars (ml-20m, ml-25m, ml-latest)
+  parquet  *.parquet     user_id,item_id,rating,timestamp (or userId,movieId,...)
+"""
+from __future__ import annotations
+
+import csv
+import io
+import os
+import re
+import tempfile
+import zipfile
+from dataclasses import dataclass
+
+import pandas as pd
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+
+from pipeline.frames import consecutive_index
+from pipeline.storage import StageError, filesystem
+
+WHOLE_STARS = (1.0, 5.0, 1.0)
+HALF_STARS = (0.5, 5.0, 0.5)
+RATINGS_FILES = {"ml-100k": "u.data", "ml-1m": "ratings.dat", "ml-10m": "ratings.dat",
+                 "csv": "ratings.csv", "parquet": "ratings.parquet"}
+MOVIES_FILES = {"ml-100k": "u.item", "ml-1m": "movies.dat", "ml-10m": "movies.dat",
+                "csv": "movies.csv", "parquet": "movies.parquet"}
+SEPARATORS = {"ml-100k": "\t", "ml-1m": "::", "ml-10m": "::", "csv": ","}
+CSV_HEADER = ["userId", "movieId", "rating", "timestamp"]
+PARQUET_COLUMNS = {"user_id": ("user_id", "userId"), "item_id": ("item_id", "movieId"),
+                   "rating": ("rating",), "timestamp": ("timestamp",)}
+# u.genre's order: the 19 flag columns at the end of each u.item line
+ML100K_GENRES = ["unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary",
+                 "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi",
+                 "Thriller", "War", "Western"]
+
+
+@dataclass
+class Source:
+    format: str
+    ratings: str  # a file, or a directory of part files (Spark-written CSV, Parquet datasets)
+    movies: str | None
+    scale: tuple  # (min, max, step) of valid ratings
+
+
+def detect(path: str, fmt: str = "auto") -> Source:
+    """What `path` holds: a MovieLens directory or .zip, or a single ratings file."""
+    fs, plain = filesystem(path)
+    if not fs.exists(plain):
+        raise StageError(f"input {path} does not exist")
+    if plain.endswith(".zip"):
+        return detect(_unzip(path), fmt)
+    if fs.isdir(plain) and not _is_parquet_dataset(fs, plain):
+        return _detect_in_directory(fs, plain, fmt, path)
+    if fmt == "auto":
+        fmt = _format_of_file(fs, plain, os.path.basename(plain.rstrip("/")))
+        if fmt is None:
+            raise StageError(f"{path}: cannot tell the ratings format from the file name; name it "
+                             f"u.data, ratings.dat, ratings.csv or *.parquet, or pass --format")
+    return _source(fs, plain, fmt)
+
+
+def _source(fs, plain: str, fmt: str) -> Source:
+    folder = os.path.dirname(plain.rstrip("/"))
+    if fmt == "ml-1m" and fs.exists(os.path.join(folder, "tags.dat")):
+        fmt = "ml-10m"  # ml-10m ships ratings.dat too, with half stars, and tags.dat instead of users.dat
+    movies = os.path.join(folder, MOVIES_FILES[fmt])
+    scale = WHOLE_STARS if fmt in ("ml-100k", "ml-1m") else HALF_STARS
+    return Source(fmt, plain, movies if fs.exists(movies) else None, scale)
+
+
+def _detect_in_directory(fs, plain: str, fmt: str, shown: str) -> Source:
+    children = fs.ls(plain, detail=False)
+    names = {os.path.basename(c.rstrip("/")): c for c in children}
+    for f in [fmt] if fmt != "auto" else ["ml-100k", "ml-1m", "csv", "parquet"]:
+        if RATINGS_FILES[f] in names:
+            return _source(fs, names[RATINGS_FILES[f]], f)
+    subdirs = [c for c in children if fs.isdir(c)]
+    if len(subdirs) == 1:  # a release unpacked as published: ml-1m.zip holds ml-1m/
+        return _detect_in_directory(fs, subdirs[0], fmt, shown)
+    raise StageError(f"{shown}: found no ratings file (looked for {sorted(set(RATINGS_FILES.values()))})")
+
+
+def _format_of_file(fs, plain: str, name: str) -> str | None:
+    if name == "u.data":
+        return "ml-100k"
+    if name.endswith(".dat"):
+        return "ml-1m"
+    if name.endswith(".csv"):
+        return "csv"
+    if name.endswith(".parquet") or _is_parquet_dataset(fs, plain):
+        return "parquet"
+    return None
+
+
+def _is_parquet_dataset(fs, plain: str) -> bool:
+    """A directory of Parquet part files, as Spark and pyarrow write them."""
+    return fs.isdir(plain) and any(os.path.basename(p).startswith("part-") and p.endswith(".parquet")
+                                   for p in fs.ls(plain, detail=False))
+
+
+def _unzip(path: str) -> str:
+    fs, plain = filesystem(path)
+    target = tempfile.mkdtemp(prefix="dmf-input-")
+    try:
+        with fs.open(plain, "rb") as f, zipfile.ZipFile(f) as z:
+            z.extractall(target)
+    except zipfile.BadZipFile as e:
+        raise StageError(f"{path}: not a readable zip file ({e})") from e
+    return target
+
+
+def read_ratings(spark: SparkSession, source: Source) -> tuple[DataFrame, pd.DataFrame]:
+    """All rows as strings: file_idx, line, raw, user_id, item_id, rating, timestamp, fields.
+
+    `line` is the 1-based line (or, for Parquet, row) within its file. Returns the rows and the
+    table of files (file_idx -> path), so that the wide rows carry a small integer, not a path.
+    """
+    if source.format == "parquet":
+        return _read_parquet(spark, source)
+    text = (spark.read.text(source.ratings)
+            .withColumn("_file", F.input_file_name())
+            .withColumn("_block", F.input_file_block_start()))
+    numbered = consecutive_index(text, "line", chunk_cols=["_block"], restart_cols=["_file"])
+    numbered, files = _file_index(spark, numbered)
+    if source.format == "csv":
+        _check_csv_header(numbered, files)
+        numbered = numbered.where(~((F.col("line") == 0) & F.col("value").startswith("userId")))
+    parts = F.split(F.col("value"), re.escape(SEPARATORS[source.format]))
+    rows = numbered.select(
+        "file_idx", (F.col("line") + 1).alias("line"), F.col("value").alias("raw"),
+        F.trim(parts[0]).alias("user_id"), F.trim(parts[1]).alias("item_id"),
+        F.trim(parts[2]).alias("rating"), F.trim(parts[3]).alias("timestamp"),
+        F.size(parts).alias("fields"))
+    return rows, files
+
+
+def _check_csv_header(numbered: DataFrame, files: pd.DataFrame) -> None:
+    headers = numbered.where("line = 0").select("file_idx", "value").collect()
+    for row in headers:
+        columns = [c.strip() for c in row.value.split(",")]
+        if columns[:4] != CSV_HEADER:
+            path = files.loc[files.file_idx == row.file_idx, "source"].iloc[0]
+            missing = [c for c in CSV_HEADER if c not in columns]
+            raise StageError(f"{path}: line 1 must be the header {','.join(CSV_HEADER)}, found {row.value!r}"
+                             + (f" (missing {', '.join(missing)})" if missing else ""))
+
+
+def _read_parquet(spark: SparkSession, source: Source) -> tuple[DataFrame, pd.DataFrame]:
+    try:
+        df = spark.read.parquet(source.ratings)
+    except Exception as e:  # AnalysisException: unreadable or not Parquet
+        raise StageError(f"{source.ratings}: cannot read as Parquet ({str(e).splitlines()[0]})") from e
+    chosen = {}
+    for column, names in PARQUET_COLUMNS.items():
+        found = [n for n in names if n in df.columns]
+        if not found:
+            raise StageError(f"{source.ratings}: required column {column!r} is missing "
+                             f"(accepted names: {', '.join(names)}; found: {', '.join(df.columns)})")
+        chosen[column] = F.col(found[0]).cast("string")
+    tagged = (df.select(*[c.alias(k) for k, c in chosen.items()])
+              .withColumn("_file", F.input_file_name())
+              .withColumn("_block", F.input_file_block_start()))
+    numbered = consecutive_index(tagged, "line", chunk_cols=["_block"], restart_cols=["_file"])
+    numbered, files = _file_index(spark, numbered)
+    rows = numbered.select(
+        "file_idx", (F.col("line") + 1).alias("line"),
+        F.concat_ws(",", *[F.coalesce(F.col(k), F.lit("")) for k in chosen]).alias("raw"),
+        *chosen, F.lit(4).alias("fields"))
+    return rows, files
+
+
+def _file_index(spark: SparkSession, df: DataFrame) -> tuple[DataFrame, pd.DataFrame]:
+    paths = sorted(r._file for r in df.select("_file").distinct().collect())
+    if not paths:
+        raise StageError("the input holds no rows")
+    files = pd.DataFrame({"file_idx": range(len(paths)), "source": paths})
+    lookup = spark.createDataFrame(files.rename(columns={"source": "_file"}))
+    return df.join(F.broadcast(lookup), "_file").drop("_file", "_block"), files
+
+
+def read_movies(source: Source) -> pd.DataFrame:
+    """item_id, title, year, genres ('|'-joined names); small enough for the driver at any MovieLens size."""
+    if source.movies is None:
+        return pd.DataFrame({"item_id": pd.Series(dtype="int64"), "title": pd.Series(dtype="object"),
+                             "year": pd.Series(dtype="float64"), "genres": pd.Series(dtype="object")})
+    fs, plain = filesystem(source.movies)
+    if source.format == "parquet":
+        with fs.open(plain, "rb") as f:
+            movies = pd.read_parquet(f).rename(columns={"movieId": "item_id"})
+    else:
+        text = _decode(fs, plain)
+        try:
+            movies = _parse_movies(source.format, text)
+        except (ValueError, IndexError, csv.Error) as e:
+            raise StageError(f"{source.movies}: cannot parse the movie list ({e})") from e
+    missing = {"item_id", "title", "genres"} - set(movies.columns)
+    if missing:
+        raise StageError(f"{source.movies}: required column(s) {sorted(missing)} missing")
+    movies = movies[["item_id", "title", "genres"]].copy()
+    movies["item_id"] = movies["item_id"].astype("int64")
+    movies["genres"] = movies["genres"].fillna("").replace("(no genres listed)", "")
+    movies["year"] = movies["title"].str.extract(r"\((\d{4})\)\s*$", expand=False).astype("float64")
+    return movies
+
+
+def _decode(fs, plain: str) -> str:
+    paths = sorted(p for p in fs.find(plain) if not os.path.basename(p).startswith(("_", "."))) \
+        if fs.isdir(plain) else [plain]
+    texts = []
+    for p in paths:
+        with fs.open(p, "rb") as f:
+            data = f.read()
+        try:
+            texts.append(data.decode("utf-8"))
+        except UnicodeDecodeError:  # ml-100k and ml-1m are latin-1
+            texts.append(data.decode("latin-1"))
+    return "\n".join(texts)
+
+
+def _parse_movies(fmt: str, text: str) -> pd.DataFrame:
+    lines = [line for line in text.splitlines() if line.strip()]
+    if fmt == "ml-100k":
+        rows = [line.split("|") for line in lines]
+        return pd.DataFrame({
+            "item_id": [int(r[0]) for r in rows], "title": [r[1] for r in rows],
+            "genres": ["|".join(g for g, flag in zip(ML100K_GENRES, r[5:]) if flag.strip() == "1") for r in rows]})
+    if fmt in ("ml-1m", "ml-10m"):
+        rows = [line.split("::", 2) for line in lines]
+        return pd.DataFrame({"item_id": [int(r[0]) for r in rows], "title": [r[1] for r in rows],
+                             "genres": [r[2] for r in rows]})
+    rows = [r for r in csv.reader(io.StringIO("\n".join(lines))) if r and r[0] != "movieId"]
+    return pd.DataFrame({"item_id": [int(r[0]) for r in rows], "title": [r[1] for r in rows],
+                         "genres": [r[2] for r in rows]})

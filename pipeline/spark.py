@@ -1,0 +1,25 @@
+"""The SparkSession every stage is handed: built from the config, or the one spark-submit made."""
+from __future__ import annotations
+
+from pyspark.sql import SparkSession
+
+from pipeline.config import SparkConfig
+
+DEFAULTS = {
+    "spark.sql.session.timeZone": "UTC",
+    "spark.ui.showConsoleProgress": "false",
+    "spark.sql.adaptive.enabled": "true",
+    # Python workers run PyTorch in mapInPandas; one BLAS thread each keeps cores from being oversubscribed.
+    "spark.executorEnv.OMP_NUM_THREADS": "1",
+}
+
+
+def session(cfg: SparkConfig) -> SparkSession:
+    builder = SparkSession.builder.appName(cfg.app_name)
+    if cfg.master:
+        builder = builder.master(cfg.master)
+    for key, value in {**DEFAULTS, **cfg.conf}.items():
+        builder = builder.config(key, str(value))
+    spark = builder.getOrCreate()
+    spark.sparkContext.setLogLevel("WARN")
+    return spark
