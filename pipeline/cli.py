@@ -40,10 +40,19 @@ STAGE_FLAGS = {
         "--seed": ("prepare.split.seed", int, "split seed"),
     },
 }
-STAGE_FLAGS["run"] = {"--input": STAGE_FLAGS["prepare"]["--input"]}
+TRAIN_FLAGS = {
+    "--model": ("train.model", str, "mf, dmf, neumf or two_tower"),
+    "--num-proc": ("train.num_proc", int, "Horovod ranks (one per GPU on a cluster, CPU processes on a laptop)"),
+    "--epochs": ("train.epochs", int, "maximum epochs (early stopping may end sooner)"),
+    "--lr": ("train.lr", float, "learning rate for one rank"),
+    "--batch-size": ("train.batch_size", int, "batch size per rank"),
+}
+STAGE_FLAGS["train"] = TRAIN_FLAGS
+STAGE_FLAGS["run"] = {"--input": STAGE_FLAGS["prepare"]["--input"], **TRAIN_FLAGS}
 HELP = {
     "synth": "generate MovieLens-shaped ratings with a planted low-rank structure",
     "prepare": "ingest, validate, split and remap ratings into Parquet for training",
+    "train": "train a model on a prepared data set with Horovod ranks",
     "run": "the whole pipeline: synth (or --input), prepare, and every later stage",
 }
 
@@ -57,8 +66,11 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("--config", help="YAML config (see conf/); the built-in defaults are conf/local.yaml")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override one config key, e.g. --set train.lr=0.005 (repeatable)")
-        if name in ("synth", "prepare"):
+        if name != "run":
             p.add_argument("--out", help="output directory (default under the work directory)")
+        if name == "train":
+            p.add_argument("--data", help="prepared data directory (default: work_dir/prepared/DATASET)")
+            p.add_argument("--resume", action="store_true", help="continue from the last checkpoint of a stopped run")
         for flag, (key, kind, text) in {**COMMON, **flags}.items():
             dest = "cfg__" + key.replace(".", "__")
             if kind is bool:

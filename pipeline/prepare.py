@@ -48,12 +48,13 @@ def prepare(spark: SparkSession, cfg: Config, input_path: str | None = None, out
         kept, below_min = filter_min_ratings(valid, cfg.prepare.min_user_ratings, cfg.prepare.min_item_ratings)
         train, held_out = split(kept, cfg.prepare.split)
         train = train.persist(StorageLevel.MEMORY_AND_DISK)
+        if train.limit(1).count() == 0:
+            raise StageError(f"{input_path}: no rating is left for training after filtering and splitting "
+                             f"({cfg.prepare.split.method} split)")
         users = dense_ids(train, "user_id", "user_idx").persist()
         items = dense_ids(train, "item_id", "item_idx").persist()
         valid_rows = held_out.join(users, "user_id").join(items, "item_id")
         cold = held_out.join(valid_rows.select("user_id", "item_id"), ["user_id", "item_id"], "left_anti")
-        if train.limit(1).count() == 0:
-            raise StageError(f"{input_path}: no rating is left for training after filtering and splitting")
         manifest = _publish(spark, cfg, out, source, files, input_path, checked, below_min, cold,
                             train.join(users, "user_id").join(items, "item_id"), valid_rows, users, items, counts)
     finally:

@@ -21,13 +21,23 @@ def prepare(cfg: Config, args) -> str:
     return prepare_mod.summary(manifest, out)
 
 
+def train(cfg: Config, args) -> str:
+    from pipeline import train as train_mod
+
+    data = getattr(args, "data", None) or cfg.path("prepared", cfg.dataset)
+    out = getattr(args, "out", None) or cfg.path("models", cfg.run)
+    manifest = train_mod.train(session(cfg.spark), cfg, data, out, resume=getattr(args, "resume", False))
+    return train_mod.summary(manifest, out)
+
+
 def run(cfg: Config, args) -> str:
     lines = []
     if not cfg.prepare.input:
         lines.append(synth(cfg, args))
         cfg.prepare.input = cfg.path("synth", cfg.dataset)
     lines.append(prepare(cfg, args))
+    lines.append(train(cfg, args))
     return "\n".join(lines)
 
 
-COMMANDS = {"synth": synth, "prepare": prepare, "run": run}
+COMMANDS = {"synth": synth, "prepare": prepare, "train": train, "run": run}

@@ -1,4 +1,3 @@
-import os
 from pathlib import Path
 
 import pytest
@@ -11,7 +10,6 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "movielens" /
 
 @pytest.fixture(scope="session")
 def spark():
-    os.environ.setdefault("PYSPARK_PYTHON", os.sys.executable)
     spark = session(SparkConfig(master="local[2]", app_name="dmf-tests", conf={
         "spark.sql.shuffle.partitions": "4",
         "spark.default.parallelism": "2",

@@ -1,0 +1,130 @@
+"""The train stage: checks everything it can on the driver, starts N Horovod ranks, publishes the model."""
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import pandas as pd
+from pyspark.sql import SparkSession
+
+from pipeline import models, storage
+from pipeline.config import Config, ConfigError, TrainConfig
+from pipeline.storage import StageError
+from pipeline.train_loop import load, rank_main, save
+
+log = logging.getLogger(__name__)
+
+
+def model_spec(t: TrainConfig, data: dict) -> dict:
+    return {"model": t.model, "n_users": data["counts"]["users"], "n_items": data["counts"]["items"],
+            "user_dim": t.user_dim, "item_dim": t.item_dim, "hidden": list(t.hidden), "dropout": t.dropout,
+            "batch_norm": t.batch_norm, "head": t.head, "rating_levels": data["rating_levels"],
+            "global_mean": data["global_mean"], "n_genres": len(data["genres"]) if t.genres else 0,
+            "max_genres": max(1, data["max_genres"]) if t.genres else 0}
+
+
+def item_genres(items: pd.DataFrame, spec: dict) -> np.ndarray | None:
+    """[n_items, max_genres] genre indices by item_idx, padded with n_genres (the EmbeddingBag's padding)."""
+    if not spec["n_genres"]:
+        return None
+    matrix = np.full((spec["n_items"], spec["max_genres"]), spec["n_genres"], dtype=np.int64)
+    for idx, genres in zip(items.item_idx, items.genre_idx):
+        if genres is not None and len(genres):
+            matrix[idx, :len(genres)] = genres
+    return matrix
+
+
+def read_table(data_dir: str, data: dict, name: str) -> pd.DataFrame:
+    fs, plain = storage.filesystem(f"{data_dir.rstrip('/')}/{data['paths'][name]}")
+    return pd.read_parquet(plain, filesystem=fs)
+
+
+def check(spark: SparkSession, cfg: Config, data_dir: str) -> tuple[dict, dict]:
+    """The data manifest and model spec, or a clear error before any rank starts."""
+    data = storage.read_manifest(data_dir, "prepare")
+    spec = model_spec(cfg.train, data)
+    try:
+        models.check_spec(spec)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    n = cfg.train.num_proc
+    for split in ("train", "valid"):
+        if data["row_groups"][split] < n:
+            raise StageError(f"{data_dir}/{split} has {data['row_groups'][split]} row groups, fewer than "
+                             f"train.num_proc={n} ranks: prepare again with --set prepare.max_ranks={n}")
+    slots = spark.sparkContext.defaultParallelism
+    if n > slots:
+        raise StageError(f"train.num_proc={n} ranks need as many Spark task slots, and this Spark has {slots} "
+                         f"(spark.master={spark.conf.get('spark.master')}): lower train.num_proc or add executors")
+    return data, spec
+
+
+def train(spark: SparkSession, cfg: Config, data_dir: str, out: str, resume: bool = False) -> dict:
+    import horovod.spark
+
+    data, spec = check(spark, cfg, data_dir)
+    genres = item_genres(read_table(data_dir, data, "items"), spec)
+    work = f"{out.rstrip('/')}.checkpoint"
+    fs, plain_work = storage.filesystem(work)
+    if not resume and fs.exists(plain_work):
+        fs.rm(plain_work, recursive=True)
+    fs.makedirs(plain_work, exist_ok=True)
+    job = {"train": vars(cfg.train).copy(), "spec": spec, "item_genres": genres, "resume": resume,
+           "train_url": storage.url(f"{data_dir.rstrip('/')}/{data['paths']['train']}"),
+           "valid_url": storage.url(f"{data_dir.rstrip('/')}/{data['paths']['valid']}"),
+           "checkpoint": f"{work}/checkpoint.pt", "weights": f"{work}/best.pt"}
+    log.info("train: %s on %s ratings, %d ranks", cfg.train.model, f"{data['counts']['train']:,}", cfg.train.num_proc)
+    started = time.time()
+    results = sorted(horovod.spark.run(rank_main, args=(job,), num_proc=cfg.train.num_proc, verbose=0),
+                     key=lambda r: r["rank"])
+    seconds = time.time() - started
+    chief = results[0]
+    best = next(h for h in chief["history"] if h["epoch"] == chief["best_epoch"])
+    with storage.publish(out) as tmp:
+        save(load(job["weights"]), f"{tmp}/model.pt")
+        plot_history(chief["history"], f"{tmp}/learning_curves.png", spec["model"])
+        storage.write_manifest(tmp, {
+            "stage": "train", "spec": spec, "train": vars(cfg.train),
+            "data": {"path": data_dir, "dataset": data["dataset"], "created_at": data["created_at"],
+                     "checksum": data["source"]["checksum"], "counts": data["counts"]},
+            "ranks": [{"rank": r["rank"], "rows": r["rows"]} for r in results],
+            "history": chief["history"], "seconds": seconds,
+            "metrics": {"valid_rmse": best["valid_rmse"], "valid_mae": best["valid_mae"],
+                        "best_epoch": chief["best_epoch"], "epochs_run": len(chief["history"])}})
+    fs.rm(plain_work, recursive=True)
+    return storage.read_manifest(out, "train")
+
+
+def load_model(model_dir: str) -> tuple[models.RatingModel, dict]:
+    """The trained model in eval mode and its manifest."""
+    manifest = storage.read_manifest(model_dir, "train")
+    model = models.build(manifest["spec"])
+    model.load_state_dict(load(f"{model_dir.rstrip('/')}/model.pt"))
+    return model.eval(), manifest
+
+
+def plot_history(history: list[dict], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(epochs, [h["train_loss"] for h in history], label="train loss")
+    ax.plot(epochs, [h["valid_rmse"] for h in history], label="validation RMSE")
+    ax.set_xlabel("epoch")
+    ax.set_title(f"{title}: learning curves")
+    ax.legend()
+    fs, plain = storage.filesystem(path)
+    with fs.open(plain, "wb") as f:
+        fig.savefig(f, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
+def summary(manifest: dict, out: str) -> str:
+    m = manifest["metrics"]
+    return (f"trained {manifest['spec']['model']} -> {out}\n  validation RMSE {m['valid_rmse']:.4f}, "
+            f"MAE {m['valid_mae']:.4f} (best epoch {m['best_epoch']} of {m['epochs_run']}), "
+            f"{manifest['seconds']:.0f} s on {len(manifest['ranks'])} ranks")

@@ -1,0 +1,184 @@
+"""The training loop of one Horovod rank. It knows nothing of Spark or of how it was launched.
+
+`rank_main(job)` is what every rank runs: read this rank's shard of train and valid through
+petastorm, train in lockstep with the other ranks, validate on the sums of errors reduced across
+ranks, keep the best epoch, and checkpoint every epoch so that a killed run can be resumed.
+"""
+from __future__ import annotations
+
+import copy
+import io
+import math
+import os
+import time
+import warnings
+
+import numpy as np
+import torch
+
+from pipeline import metrics, models
+
+COLUMNS = ("user_idx", "item_idx", "rating")
+
+
+def read_shard(url: str, rank: int, size: int) -> dict[str, np.ndarray]:
+    """This rank's row groups, in a canonical order so that a run does not depend on read order."""
+    from petastorm import make_batch_reader
+
+    warnings.filterwarnings("ignore", category=FutureWarning, module="petastorm")
+    parts = {c: [] for c in COLUMNS}
+    with make_batch_reader(url, cur_shard=rank, shard_count=size, num_epochs=1, shuffle_row_groups=False,
+                           reader_pool_type="dummy", schema_fields=list(COLUMNS)) as reader:
+        for batch in reader:
+            for c in COLUMNS:
+                parts[c].append(getattr(batch, c))
+    shard = {c: np.concatenate(v) if v else np.zeros(0) for c, v in parts.items()}
+    order = np.lexsort((shard["item_idx"], shard["user_idx"]))
+    return {c: v[order] for c, v in shard.items()}
+
+
+def to_tensors(shard: dict, device) -> tuple[torch.Tensor, ...]:
+    return (torch.as_tensor(shard["user_idx"], dtype=torch.long, device=device),
+            torch.as_tensor(shard["item_idx"], dtype=torch.long, device=device),
+            torch.as_tensor(shard["rating"], dtype=torch.float32, device=device))
+
+
+def make_optimizer(name: str, model, lr: float, weight_decay: float):
+    # Weight decay on the dense layers only; embedding rows get the batch-wise L2 of the loss instead.
+    tables = {id(p) for m in model.modules() if isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag))
+              for p in m.parameters()}
+    groups = [{"params": [p for p in model.parameters() if id(p) in tables], "weight_decay": 0.0},
+              {"params": [p for p in model.parameters() if id(p) not in tables], "weight_decay": weight_decay}]
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=0.9)
+    if name == "adagrad":
+        return torch.optim.Adagrad(groups, lr=lr)
+    return torch.optim.Adam(groups, lr=lr)
+
+
+def evaluate(model, users, items, ratings, batch: int = 65536) -> dict:
+    model.eval()
+    with torch.no_grad():
+        preds = [model.predict(users[i:i + batch], items[i:i + batch]) for i in range(0, len(users), batch)]
+    pred = torch.cat(preds).cpu().numpy() if preds else np.zeros(0)
+    return metrics.error_sums(pred, ratings.cpu().numpy())
+
+
+def save(obj, path: str) -> None:
+    """torch.save through fsspec, written to a temporary name first so a kill never leaves half a file."""
+    import fsspec
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    fs, _, (plain,) = fsspec.get_fs_token_paths(path)
+    with fs.open(plain + ".partial", "wb") as f:
+        f.write(buffer.getvalue())
+    fs.mv(plain + ".partial", plain)
+
+
+def load(path: str):
+    import fsspec
+
+    fs, _, (plain,) = fsspec.get_fs_token_paths(path)
+    if not fs.exists(plain):
+        return None
+    with fs.open(plain, "rb") as f:
+        return torch.load(io.BytesIO(f.read()), weights_only=True)
+
+
+def rank_main(job: dict) -> dict:
+    import horovod.torch as hvd
+
+    hvd.init()
+    rank, size = hvd.rank(), hvd.size()
+    t = job["train"]
+    torch.set_num_threads(t["threads_per_rank"] or max(1, (os.cpu_count() or 1) // size))
+    device = torch.device("cuda", hvd.local_rank()) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    torch.manual_seed(t["seed"])
+
+    train = to_tensors(read_shard(job["train_url"], rank, size), device)
+    valid = to_tensors(read_shard(job["valid_url"], rank, size), device)
+    genres = torch.as_tensor(job["item_genres"], dtype=torch.long) if job["item_genres"] is not None else None
+    model = models.build(job["spec"], genres).to(device)
+    lr = t["lr"] * (size if t["scale_lr"] else 1)
+    optimizer = make_optimizer(t["optimizer"], model, lr, t["weight_decay"])
+    optimizer = hvd.DistributedOptimizer(
+        optimizer, named_parameters=model.named_parameters(),
+        compression=hvd.Compression.fp16 if t["fp16_allreduce"] else hvd.Compression.none)
+
+    state = {"epoch": 0, "history": [], "best_rmse": math.inf, "best_epoch": -1, "best_model": None}
+    checkpoint = load(job["checkpoint"]) if job["resume"] and rank == 0 else None
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        state = checkpoint["state"]
+    hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+    hvd.broadcast_optimizer_state(optimizer, root_rank=0)
+    best_model = state.pop("best_model")  # only rank 0 keeps the best weights
+    state = hvd.broadcast_object(state, root_rank=0)
+    state["best_model"] = best_model
+
+    n_local = len(train[0])
+    n_total = int(hvd.allreduce(torch.tensor(float(n_local)), op=hvd.Sum).item())
+    batch = t["batch_size"]
+    # Every rank takes the same number of steps so that the allreduces pair up, even when shards differ.
+    steps = max(1, math.ceil(n_total / (batch * size)))
+    started = time.time() - sum(h["seconds"] for h in state["history"])
+    bad_epochs = state.get("bad_epochs", 0)
+
+    for epoch in range(state["epoch"], t["epochs"]):
+        if bad_epochs >= t["patience"]:  # a resumed run that had already stopped early
+            break
+        epoch_start = time.time()
+        model.train()
+        # Seeded by (seed, epoch, rank), so a resumed run draws exactly what an uninterrupted one would.
+        gen = torch.Generator().manual_seed(t["seed"] * 1_000_003 + epoch * 1009 + rank)
+        torch.manual_seed(t["seed"] * 7919 + epoch * 31 + rank)
+        order = torch.cat([torch.randperm(n_local, generator=gen)
+                           for _ in range(math.ceil(steps * batch / max(n_local, 1)))]).to(device)
+        loss_sum = torch.zeros((), device=device)
+        for step in range(steps):
+            idx = order[step * batch:(step + 1) * batch]
+            u, i, r = train[0][idx], train[1][idx], train[2][idx]
+            optimizer.zero_grad(set_to_none=True)
+            loss = model.loss(u, i, r)
+            if t["l2"] > 0:
+                loss = loss + t["l2"] * model.embedding_l2(u, i)
+            loss.backward()
+            optimizer.step()
+            loss_sum += loss.detach()
+        train_loss = hvd.allreduce(loss_sum / steps, op=hvd.Average).item()
+        sums = evaluate(model, *valid)
+        reduced = hvd.allreduce(torch.tensor([sums["sse"], sums["sae"], sums["n"]], dtype=torch.float64), op=hvd.Sum)
+        errors = metrics.rating_errors(dict(zip(("sse", "sae", "n"), reduced.tolist())))
+        seconds = time.time() - epoch_start
+        record = {"epoch": epoch + 1, "train_loss": train_loss, "valid_rmse": errors["rmse"],
+                  "valid_mae": errors["mae"], "samples_per_s": steps * batch * size / seconds, "seconds": seconds}
+        state["history"].append(record)
+        if errors["rmse"] < state["best_rmse"] - 1e-6:
+            state.update(best_rmse=errors["rmse"], best_epoch=epoch + 1,
+                         best_model=copy.deepcopy(model.state_dict()) if rank == 0 else None)
+            bad_epochs = 0
+        else:
+            bad_epochs += 1
+        state.update(epoch=epoch + 1, bad_epochs=bad_epochs)
+        if rank == 0:
+            elapsed = time.time() - started
+            remaining = elapsed / (epoch + 1) * (t["epochs"] - epoch - 1)
+            print(f"epoch {epoch + 1:3d}/{t['epochs']}  loss {train_loss:.4f}  valid RMSE {errors['rmse']:.4f}"
+                  f"  MAE {errors['mae']:.4f}  {record['samples_per_s']:,.0f} samples/s"
+                  f"  elapsed {elapsed:.0f}s  ETA {remaining:.0f}s", flush=True)
+            save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": state},
+                 job["checkpoint"])
+        if bad_epochs >= t["patience"]:
+            if rank == 0:
+                print(f"early stop: no better validation RMSE for {bad_epochs} epochs", flush=True)
+            break
+
+    if rank == 0:
+        best = state["best_model"] if state["best_model"] is not None else model.state_dict()
+        save({k: v.cpu() for k, v in best.items()}, job["weights"])
+    return {"rank": rank, "rows": n_local, "history": state["history"],
+            "best_epoch": state["best_epoch"], "best_rmse": state["best_rmse"]}
