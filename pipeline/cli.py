@@ -48,12 +48,22 @@ TRAIN_FLAGS = {
     "--batch-size": ("train.batch_size", int, "batch size per rank"),
 }
 STAGE_FLAGS["train"] = TRAIN_FLAGS
-STAGE_FLAGS["run"] = {"--input": STAGE_FLAGS["prepare"]["--input"], **TRAIN_FLAGS}
+STAGE_FLAGS["evaluate"] = {"--k": ("evaluate.k", int, "cut-off of the ranking metrics"),
+                           "--relevant-rating": ("evaluate.relevant_rating", float, "validation ratings at or above this are relevant")}
+STAGE_FLAGS["recommend"] = {"--top-n": ("recommend.top_n", int, "recommendations per user (1-1000)"),
+                            "--format": ("recommend.format", str, "parquet or csv")}
+STAGE_FLAGS["predict"] = {}
+STAGE_FLAGS["similar"] = {}
+STAGE_FLAGS["run"] = {"--input": STAGE_FLAGS["prepare"]["--input"], **TRAIN_FLAGS, **STAGE_FLAGS["recommend"]}
 HELP = {
     "synth": "generate MovieLens-shaped ratings with a planted low-rank structure",
     "prepare": "ingest, validate, split and remap ratings into Parquet for training",
     "train": "train a model on a prepared data set with Horovod ranks",
-    "run": "the whole pipeline: synth (or --input), prepare, and every later stage",
+    "evaluate": "rating error and full-catalog ranking quality of a model on the validation split",
+    "recommend": "top-N unseen items for every user, in the original ids",
+    "predict": "score given (user, item) pairs",
+    "similar": "nearest items to one item in embedding space",
+    "run": "the whole pipeline: synth (or --input), prepare, train, evaluate, recommend",
 }
 
 
@@ -66,17 +76,27 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("--config", help="YAML config (see conf/); the built-in defaults are conf/local.yaml")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override one config key, e.g. --set train.lr=0.005 (repeatable)")
-        if name != "run":
+        if name not in ("run", "similar"):
             p.add_argument("--out", help="output directory (default under the work directory)")
+        if name not in ("synth", "prepare", "run"):
+            p.add_argument("--data", help="prepared data directory (default: work_dir/prepared/DATASET, or the "
+                                          "one the model was trained on)")
+        if name in ("evaluate", "recommend", "predict", "similar"):
+            p.add_argument("--model", dest="model_dir", help="model directory (default: work_dir/models/RUN)")
         if name == "train":
-            p.add_argument("--data", help="prepared data directory (default: work_dir/prepared/DATASET)")
             p.add_argument("--resume", action="store_true", help="continue from the last checkpoint of a stopped run")
+        if name == "predict":
+            p.add_argument("--pairs", required=True, help="CSV with userId,movieId or Parquet with user_id,item_id")
+        if name == "similar":
+            p.add_argument("--item", type=int, required=True, help="original item id")
+            p.add_argument("--n", type=int, default=10, help="how many neighbours (default 10)")
         for flag, (key, kind, text) in {**COMMON, **flags}.items():
             dest = "cfg__" + key.replace(".", "__")
+            metavar = flag.lstrip("-").upper().replace("-", "_")
             if kind is bool:
                 p.add_argument(flag, dest=dest, action="store_const", const=True, help=f"{text} [{key}]")
             else:
-                p.add_argument(flag, dest=dest, type=kind, help=f"{text} [{key}]")
+                p.add_argument(flag, dest=dest, type=kind, metavar=metavar, help=f"{text} [{key}]")
     return top
 
 

@@ -30,6 +30,43 @@ def train(cfg: Config, args) -> str:
     return train_mod.summary(manifest, out)
 
 
+def _model_dir(cfg: Config, args) -> str:
+    return getattr(args, "model_dir", None) or cfg.path("models", cfg.run)
+
+
+def evaluate(cfg: Config, args) -> str:
+    from pipeline import evaluate as evaluate_mod
+
+    out = getattr(args, "out", None) or cfg.path("reports", cfg.run)
+    manifest = evaluate_mod.evaluate(session(cfg.spark), cfg, _model_dir(cfg, args), getattr(args, "data", None), out)
+    return f"evaluation -> {out}/metrics.json (and pictures)\n{evaluate_mod.table(manifest)}"
+
+
+def recommend(cfg: Config, args) -> str:
+    from pipeline import recommend as recommend_mod
+
+    out = getattr(args, "out", None) or cfg.path("recommendations", cfg.run)
+    manifest = recommend_mod.recommend(session(cfg.spark), cfg, _model_dir(cfg, args), getattr(args, "data", None), out)
+    return recommend_mod.summary(manifest, out)
+
+
+def predict(cfg: Config, args) -> str:
+    from pipeline import predict as predict_mod
+
+    out = args.out or cfg.path("predictions", cfg.run)
+    manifest = predict_mod.predict(session(cfg.spark), _model_dir(cfg, args), args.pairs, out, args.data)
+    c = manifest["counts"]
+    return (f"predictions -> {out}/predictions\n  {c['rows']:,} rows: {c['known']:,} scored by the model, "
+            f"{c['fallback']:,} by the fallback (user or item not in training), {c['malformed']:,} malformed")
+
+
+def similar(cfg: Config, args) -> str:
+    from pipeline import predict as predict_mod
+
+    table = predict_mod.similar(_model_dir(cfg, args), args.item, args.n, args.data)
+    return table.to_string(index=False)
+
+
 def run(cfg: Config, args) -> str:
     lines = []
     if not cfg.prepare.input:
@@ -37,7 +74,10 @@ def run(cfg: Config, args) -> str:
         cfg.prepare.input = cfg.path("synth", cfg.dataset)
     lines.append(prepare(cfg, args))
     lines.append(train(cfg, args))
+    lines.append(evaluate(cfg, args))
+    lines.append(recommend(cfg, args))
     return "\n".join(lines)
 
 
-COMMANDS = {"synth": synth, "prepare": prepare, "train": train, "run": run}
+COMMANDS = {"synth": synth, "prepare": prepare, "train": train, "evaluate": evaluate, "recommend": recommend,
+            "predict": predict, "similar": similar, "run": run}

@@ -45,7 +45,7 @@ def publish(final: str):
     plain = plain.rstrip("/")
     tag = uuid.uuid4().hex[:8]
     tmp = f"{plain}.tmp-{tag}"
-    fs.makedirs(os.path.dirname(plain) or ".", exist_ok=True)
+    fs.makedirs(tmp, exist_ok=True)
     try:
         yield f"{final.rstrip('/')}.tmp-{tag}"  # the same place as `tmp`, spelled as the caller spelled `final`
         if not fs.exists(f"{tmp}/{MANIFEST}"):

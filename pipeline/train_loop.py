@@ -142,7 +142,7 @@ def rank_main(job: dict) -> dict:
         for step in range(steps):
             idx = order[step * batch:(step + 1) * batch]
             u, i, r = train[0][idx], train[1][idx], train[2][idx]
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad()
             loss = model.loss(u, i, r)
             if t["l2"] > 0:
                 loss = loss + t["l2"] * model.embedding_l2(u, i)

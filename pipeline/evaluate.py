@@ -1,0 +1,128 @@
+"""The evaluate stage: rating error and full-catalog ranking quality on the validation split.
+
+Every number goes through the pure functions of pipeline.metrics, the ones training validates with.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+import numpy as np
+import pandas as pd
+from pyspark.sql import SparkSession
+from pyspark.sql import functions as F
+
+from pipeline import metrics, storage
+from pipeline.config import Config
+from pipeline.recommend import model_and_data, predict_pairs, seen_items, top_n
+from pipeline.train import load_model, read_table
+
+log = logging.getLogger(__name__)
+SAMPLE_FOR_PLOTS = 100_000
+
+
+def evaluate(spark: SparkSession, cfg: Config, model_dir: str, data_dir: str | None, out: str) -> dict:
+    started = time.time()
+    data_dir, data = model_and_data(model_dir, data_dir)
+    levels = np.asarray(data["rating_levels"], dtype=np.float64)
+    valid = spark.read.parquet(f"{data_dir.rstrip('/')}/{data['paths']['valid']}")
+    scored = predict_pairs(spark, model_dir, valid.select("user_idx", "item_idx", "rating"))
+
+    def error_sums(batches):
+        for pdf in batches:
+            pred, true = pdf.prediction.to_numpy(np.float64), pdf.rating.to_numpy(np.float64)
+            rounded = metrics.round_to_levels(pred, levels)
+            plain, snapped = metrics.error_sums(pred, true), metrics.error_sums(rounded, true)
+            yield pd.DataFrame([{**plain, "sse_rounded": snapped["sse"], "sae_rounded": snapped["sae"],
+                                 "exact": float(np.sum(np.isclose(rounded, true)))}])
+
+    sums = scored.mapInPandas(error_sums, "sse double, sae double, n double, sse_rounded double, "
+                                          "sae_rounded double, exact double").groupBy().sum().first()
+    total = {k[4:-1]: v or 0.0 for k, v in sums.asDict().items()}
+    rating = metrics.rating_errors(total)
+    rounded = metrics.rating_errors({"sse": total["sse_rounded"], "sae": total["sae_rounded"], "n": total["n"]})
+
+    k = cfg.evaluate.k
+    seen = seen_items(spark, data_dir, data, ("train",))
+    relevant = (valid.where(F.col("rating") >= cfg.evaluate.relevant_rating)
+                .groupBy("user_idx").agg(F.collect_list("item_idx").alias("relevant")))
+    users = relevant.select("user_idx").join(seen, "user_idx", "left")
+    ranked = top_n(spark, model_dir, users, k, cfg.recommend.users_per_block).toPandas()
+    lists = ranked.sort_values(["user_idx", "rank"]).groupby("user_idx").item_idx.apply(list)
+    truth = relevant.toPandas().set_index("user_idx").relevant
+    order = truth.index.intersection(lists.index)
+    ranking = metrics.ranking_metrics([lists[u] for u in order], [set(truth[u]) for u in order], k)
+    items = read_table(data_dir, data, "items").sort_values("item_idx")
+    counts = items.train_count.to_numpy()
+    recommended = [lists[u] for u in order]
+    report = {
+        "model": model_dir, "data": data_dir, "k": k, "relevant_rating": cfg.evaluate.relevant_rating,
+        "rating": {"rmse": rating["rmse"], "mae": rating["mae"], "rmse_rounded": rounded["rmse"],
+                   "mae_rounded": rounded["mae"], "accuracy_rounded": total["exact"] / max(total["n"], 1),
+                   "n": int(total["n"])},
+        "ranking": {**ranking, "catalog_coverage": metrics.catalog_coverage(recommended, len(items)),
+                    "mean_popularity": metrics.mean_popularity(recommended, counts)},
+    }
+    sample = scored.select("prediction", "rating").limit(SAMPLE_FOR_PLOTS).toPandas()
+    with storage.publish(out) as tmp:
+        fs, plain = storage.filesystem(tmp)
+        with fs.open(f"{plain}/metrics.json", "w") as f:
+            json.dump(report, f, indent=2)
+        _pictures(model_dir, tmp, sample, items, data)
+        storage.write_manifest(tmp, {"stage": "evaluate", **report, "seconds": time.time() - started})
+    return storage.read_manifest(out, "evaluate")
+
+
+def _pictures(model_dir: str, out: str, sample: pd.DataFrame, items: pd.DataFrame, data: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fs, plain = storage.filesystem(out)
+    model, manifest = load_model(model_dir)
+    from pipeline.train import plot_history
+
+    plot_history(manifest["history"], f"{out}/learning_curves.png", manifest["spec"]["model"])
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    levels = data["rating_levels"]
+    groups = [sample.prediction[sample.rating == level] for level in levels]
+    ax.boxplot(groups, labels=[f"{level:g}" for level in levels], showfliers=False)
+    ax.set_xlabel("true rating")
+    ax.set_ylabel("prediction")
+    ax.set_title("predictions against true ratings (validation)")
+    _save(fig, fs, f"{plain}/predictions.png")
+
+    vectors = model.item_vectors().detach().numpy()
+    centred = vectors - vectors.mean(axis=0)
+    _, _, axes = np.linalg.svd(centred, full_matrices=False)
+    xy = centred @ axes[:2].T
+    first_genre = items.genres.fillna("").str.split("|").str[0].replace("", "none").to_numpy()
+    fig, ax = plt.subplots(figsize=(7, 6))
+    top = pd.Series(first_genre).value_counts().index[:8]
+    for genre in top:
+        mask = first_genre == genre
+        ax.scatter(xy[mask, 0], xy[mask, 1], s=6, alpha=0.6, label=genre)
+    ax.legend(markerscale=3, fontsize=8)
+    ax.set_title("item embeddings, first two principal components, by first genre")
+    _save(fig, fs, f"{plain}/item_embeddings.png")
+
+
+def _save(fig, fs, path: str) -> None:
+    import matplotlib.pyplot as plt
+
+    with fs.open(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
+def table(manifest: dict) -> str:
+    r, q, k = manifest["rating"], manifest["ranking"], manifest["k"]
+    rows = [("RMSE", r["rmse"]), ("MAE", r["mae"]), ("RMSE (rounded)", r["rmse_rounded"]),
+            ("accuracy (rounded)", r["accuracy_rounded"]), (f"precision@{k}", q[f"precision@{k}"]),
+            (f"recall@{k}", q[f"recall@{k}"]), (f"NDCG@{k}", q[f"ndcg@{k}"]), (f"MAP@{k}", q[f"map@{k}"]),
+            (f"hit rate@{k}", q[f"hit_rate@{k}"]), ("catalog coverage", q["catalog_coverage"]),
+            ("mean popularity", q["mean_popularity"])]
+    return "\n".join(f"  {name:<20} {value:10.4f}" for name, value in rows)

@@ -1,0 +1,322 @@
+"""Rating models: mf, dmf, neumf and two_tower behind one interface.
+
+A model is rebuilt from its `spec` (a plain dict stored in the model manifest) and then loaded from a
+state_dict. Each model computes a rating two ways: `forward` on (user, item) pairs, and `score_all` on
+a users x items grid without building per-pair embeddings. The two must agree, and the tests check it.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+MODELS = ("mf", "dmf", "neumf", "two_tower")
+HEADS = ("regression", "softmax")
+SPEC_KEYS = ("model", "n_users", "n_items", "user_dim", "item_dim", "hidden", "dropout", "batch_norm", "head",
+             "rating_levels", "global_mean", "n_genres", "max_genres")
+
+
+def check_spec(spec: dict) -> None:
+    """Raise ValueError naming the first problem with a model spec."""
+    missing = [k for k in SPEC_KEYS if k not in spec]
+    if missing:
+        raise ValueError(f"model spec lacks {', '.join(missing)}")
+    model, head, hidden = spec["model"], spec["head"], list(spec["hidden"])
+    if model not in MODELS:
+        raise ValueError(f"unknown model {model!r}: expected one of {', '.join(MODELS)}")
+    if head not in HEADS:
+        raise ValueError(f"unknown head {head!r}: expected one of {', '.join(HEADS)}")
+    for key in ("n_users", "n_items", "user_dim", "item_dim"):
+        if int(spec[key]) <= 0:
+            raise ValueError(f"{key} must be positive, got {spec[key]}")
+    if any(int(h) <= 0 for h in hidden):
+        raise ValueError(f"hidden layer sizes must be positive, got {hidden}")
+    if not 0 <= float(spec["dropout"]) < 1:
+        raise ValueError(f"dropout must lie in [0, 1), got {spec['dropout']}")
+    levels = [float(x) for x in spec["rating_levels"]]
+    if not levels or any(b <= a for a, b in zip(levels, levels[1:])):
+        raise ValueError(f"rating_levels must be a non-empty increasing list, got {levels}")
+    if int(spec["n_genres"]) < 0 or (int(spec["n_genres"]) > 0 and int(spec["max_genres"]) <= 0):
+        raise ValueError(f"n_genres must be >= 0 and max_genres positive when there are genres, "
+                         f"got n_genres={spec['n_genres']}, max_genres={spec['max_genres']}")
+    if head == "softmax" and model in ("mf", "two_tower"):
+        raise ValueError(f"{model} cannot use the softmax head: softmax head needs an MLP over the pair: "
+                         f"use dmf or neumf")
+    if head == "softmax" and len(levels) < 2:
+        raise ValueError("the softmax head needs at least two rating levels")
+    if model == "mf" and int(spec["user_dim"]) != int(spec["item_dim"]):
+        raise ValueError(f"mf takes a dot product, so user_dim ({spec['user_dim']}) must equal "
+                         f"item_dim ({spec['item_dim']})")
+    if model != "mf" and not hidden:
+        raise ValueError(f"{model} needs at least one hidden layer size in hidden")
+
+
+def build(spec: dict, item_genres: torch.Tensor | None = None) -> "RatingModel":
+    """The model a spec describes, freshly initialised (from the torch RNG)."""
+    check_spec(spec)
+    cls = {"mf": MF, "dmf": DMF, "neumf": NeuMF, "two_tower": TwoTower}[spec["model"]]
+    return cls(spec, item_genres)
+
+
+def mlp(sizes: list[int], dropout: float, batch_norm: bool, last_activation: bool = True) -> nn.Sequential:
+    """Linear -> (BatchNorm1d) -> ReLU -> Dropout for each size after the first."""
+    layers = []
+    for n, (a, b) in enumerate(zip(sizes, sizes[1:])):
+        layers.append(nn.Linear(a, b))
+        if last_activation or n < len(sizes) - 2:
+            layers += [nn.BatchNorm1d(b)] if batch_norm else []
+            layers += [nn.ReLU(), nn.Dropout(dropout)]
+    return nn.Sequential(*layers)
+
+
+def embedding(n: int, dim: int, std: float = 0.1) -> nn.Embedding:
+    table = nn.Embedding(n, dim)
+    nn.init.normal_(table.weight, std=std)
+    return table
+
+
+def bias(n: int) -> nn.Embedding:
+    table = nn.Embedding(n, 1)
+    nn.init.zeros_(table.weight)
+    return table
+
+
+class RatingModel(nn.Module):
+    """Shared plumbing. Subclasses define the user side, the item side, and how they meet per pair and
+    on a grid: `_users(u)` and `_items(i)` return tuples, `_pair` gives [B] or [B, L], `_grid` [B, M] or
+    [B, M, L] (L the number of rating levels, for the softmax head)."""
+
+    def __init__(self, spec: dict, item_genres: torch.Tensor | None):
+        super().__init__()
+        self.softmax = spec["head"] == "softmax"
+        self.register_buffer("levels", torch.tensor([float(x) for x in spec["rating_levels"]]))
+        self.register_buffer("global_mean", torch.tensor(float(spec["global_mean"])))
+        n_items, n_genres, max_genres = int(spec["n_items"]), int(spec["n_genres"]), int(spec["max_genres"])
+        self.genre_bag = None
+        if n_genres > 0:
+            if item_genres is None:  # load_state_dict fills it
+                item_genres = torch.full((n_items, max_genres), n_genres, dtype=torch.long)
+            item_genres = torch.as_tensor(item_genres, dtype=torch.long)
+            if item_genres.shape != (n_items, max_genres):
+                raise ValueError(f"item_genres has shape {tuple(item_genres.shape)}, the spec says "
+                                 f"({n_items}, {max_genres})")
+            self.register_buffer("item_genres", item_genres.clone())
+            self.genre_bag = nn.EmbeddingBag(n_genres + 1, int(spec["item_dim"]), mode="mean",
+                                             padding_idx=n_genres)
+            nn.init.normal_(self.genre_bag.weight, std=0.1)
+            with torch.no_grad():
+                self.genre_bag.weight[n_genres].zero_()
+        elif item_genres is not None:
+            raise ValueError("item_genres given, but the spec has n_genres = 0")
+        self.user_bias = self.item_bias = None
+
+    def item_embedding_of(self, table: nn.Embedding, items: torch.Tensor) -> torch.Tensor:
+        """Rows of an item table, plus the mean of the items' genre embeddings when there are genres."""
+        e = table(items)
+        return e if self.genre_bag is None else e + self.genre_bag(self.item_genres[items])
+
+    def biases(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """global mean + b_u + b_i, [B] for pairs; [B, M] when users is [B, 1] and items [1, M]."""
+        return self.global_mean + self.user_bias(users).squeeze(-1) + self.item_bias(items).squeeze(-1)
+
+    def tables(self) -> tuple[list[nn.Embedding], list[nn.Embedding]]:
+        """(user-side tables, item-side tables) that the batch-wise L2 applies to."""
+        user = [t for t in (self.user_embedding, self.user_bias) if t is not None]
+        item = [t for t in (self.item_embedding, self.item_bias) if t is not None]
+        return user, item
+
+    def forward(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """Unclipped ratings [B] (regression) or logits over the rating levels [B, L] (softmax)."""
+        return self._pair(self._users(users), self._items(items))
+
+    def loss(self, users: torch.Tensor, items: torch.Tensor, ratings: torch.Tensor) -> torch.Tensor:
+        out = self(users, items)
+        if self.softmax:
+            return F.cross_entropy(out, self.level_index(ratings))
+        return F.mse_loss(out, ratings.to(out.dtype))
+
+    def level_index(self, ratings: torch.Tensor) -> torch.Tensor:
+        """Index of the nearest rating level (a tie goes to the lower level)."""
+        midpoints = (self.levels[1:] + self.levels[:-1]) / 2
+        return torch.bucketize(ratings.to(self.levels.dtype), midpoints)
+
+    def rating(self, out: torch.Tensor) -> torch.Tensor:
+        """Model output -> expected rating, clipped to the level range."""
+        if self.softmax:
+            out = torch.softmax(out, dim=-1) @ self.levels
+        return out.clamp(self.levels[0], self.levels[-1])
+
+    def predict(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        return self.rating(self(users, items))
+
+    def score_all(self, users: torch.Tensor, items: torch.Tensor, item_chunk: int = 2048) -> torch.Tensor:
+        """Predicted ratings [B, M] for every user x item; peak memory grows with B x item_chunk x width."""
+        u = self._users(users)
+        scores = [self.rating(self._grid(u, self._items(items[s:s + item_chunk])))
+                  for s in range(0, len(items), item_chunk)]
+        return torch.cat(scores, dim=1) if scores else self.levels.new_zeros((len(users), 0))
+
+    def embedding_l2(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """Mean over the batch of the squared norms of the embedding and bias rows the batch uses."""
+        user_tables, item_tables = self.tables()
+        total = sum(t(users).pow(2).sum(-1) for t in user_tables) + sum(t(items).pow(2).sum(-1) for t in item_tables)
+        return total.mean()
+
+    def user_vectors(self) -> torch.Tensor:
+        return self.user_embedding.weight
+
+    def item_vectors(self) -> torch.Tensor:
+        return self.item_embedding_of(self.item_embedding, torch.arange(self.item_embedding.num_embeddings,
+                                                                        device=self.levels.device))
+
+
+class MF(RatingModel):
+    """global mean + b_u + b_i + <p_u, q_i>."""
+
+    def __init__(self, spec, item_genres=None):
+        super().__init__(spec, item_genres)
+        dim = int(spec["user_dim"])
+        # std 0.1 keeps the initial dot products near 0 while leaving Adam a gradient to grow them from.
+        self.user_embedding = embedding(int(spec["n_users"]), dim)
+        self.item_embedding = embedding(int(spec["n_items"]), dim)
+        self.user_bias, self.item_bias = bias(int(spec["n_users"])), bias(int(spec["n_items"]))
+
+    def _users(self, users):
+        return self.user_embedding(users), users
+
+    def _items(self, items):
+        return self.item_embedding_of(self.item_embedding, items), items
+
+    def _pair(self, u, i):
+        return self.biases(u[1], i[1]) + (u[0] * i[0]).sum(-1)
+
+    def _grid(self, u, i):
+        return self.biases(u[1][:, None], i[1][None, :]) + u[0] @ i[0].T
+
+
+class DMF(RatingModel):
+    """An MLP over [e_u, e_i]; regression predicts a residual around global mean + b_u + b_i."""
+
+    def __init__(self, spec, item_genres=None):
+        super().__init__(spec, item_genres)
+        n_users, n_items = int(spec["n_users"]), int(spec["n_items"])
+        self.user_embedding = embedding(n_users, int(spec["user_dim"]))
+        self.item_embedding = embedding(n_items, int(spec["item_dim"]))
+        hidden = [int(h) for h in spec["hidden"]]
+        self.mlp = mlp([int(spec["user_dim"]) + int(spec["item_dim"]), *hidden], float(spec["dropout"]),
+                       bool(spec["batch_norm"]))
+        self.head = nn.Linear(hidden[-1], len(self.levels) if self.softmax else 1)
+        if not self.softmax:
+            self.user_bias, self.item_bias = bias(n_users), bias(n_items)
+
+    def _users(self, users):
+        return self.user_embedding(users), users
+
+    def _items(self, items):
+        return self.item_embedding_of(self.item_embedding, items), items
+
+    def _output(self, h, users, items):
+        out = self.head(h)
+        return out if self.softmax else out.squeeze(-1) + self.biases(users, items)
+
+    def _pair(self, u, i):
+        return self._output(self.mlp(torch.cat([u[0], i[0]], dim=-1)), u[1], i[1])
+
+    def _grid(self, u, i):
+        h = split_first_layer(self.mlp, u[0], i[0])
+        return self._output(h, u[1][:, None], i[1][None, :])
+
+
+def split_first_layer(net: nn.Sequential, user: torch.Tensor, item: torch.Tensor) -> torch.Tensor:
+    """net(cat(user, item)) for every user x item, [B, M, H]: the first Linear is W_u e_u + W_i e_i + b,
+    each half computed once per user or item, and only the rest of the net runs per pair."""
+    first = net[0]
+    d = user.shape[-1]
+    a = F.linear(user, first.weight[:, :d], first.bias)
+    c = F.linear(item, first.weight[:, d:])
+    z = (a[:, None, :] + c[None, :, :]).reshape(-1, a.shape[-1])
+    h = net[1:](z)  # batch norm in eval mode is per feature, so it is fine on the flattened grid
+    return h.reshape(len(user), len(item), -1)
+
+
+class NeuMF(RatingModel):
+    """He et al. (2017): GMF (e_u * e_i, own embeddings of item_dim) beside an MLP over [e_u, e_i],
+    one output layer over both."""
+
+    def __init__(self, spec, item_genres=None):
+        super().__init__(spec, item_genres)
+        n_users, n_items = int(spec["n_users"]), int(spec["n_items"])
+        user_dim, item_dim = int(spec["user_dim"]), int(spec["item_dim"])
+        self.gmf_user = embedding(n_users, item_dim)
+        self.gmf_item = embedding(n_items, item_dim)
+        self.user_embedding = embedding(n_users, user_dim)
+        self.item_embedding = embedding(n_items, item_dim)
+        hidden = [int(h) for h in spec["hidden"]]
+        self.mlp = mlp([user_dim + item_dim, *hidden], float(spec["dropout"]), bool(spec["batch_norm"]))
+        self.head = nn.Linear(item_dim + hidden[-1], len(self.levels) if self.softmax else 1)
+        if not self.softmax:
+            self.user_bias, self.item_bias = bias(n_users), bias(n_items)
+
+    def _users(self, users):
+        return self.gmf_user(users), self.user_embedding(users), users
+
+    def _items(self, items):
+        return (self.item_embedding_of(self.gmf_item, items), self.item_embedding_of(self.item_embedding, items),
+                items)
+
+    def _pair(self, u, i):
+        out = self.head(torch.cat([u[0] * i[0], self.mlp(torch.cat([u[1], i[1]], dim=-1))], dim=-1))
+        return out if self.softmax else out.squeeze(-1) + self.biases(u[2], i[2])
+
+    def _grid(self, u, i):
+        g = u[0].shape[-1]
+        w_gmf, w_mlp = self.head.weight[:, :g], self.head.weight[:, g:]
+        # W_gmf (e_u * e_i) for every pair and output: (e_u * w) . e_i, a matrix product per output.
+        gmf = torch.einsum("bd,ld,md->bml", u[0], w_gmf, i[0])
+        out = gmf + F.linear(split_first_layer(self.mlp, u[1], i[1]), w_mlp, self.head.bias)
+        return out if self.softmax else out.squeeze(-1) + self.biases(u[2][:, None], i[2][None, :])
+
+    def tables(self):
+        user, item = super().tables()
+        return [self.gmf_user, *user], [self.gmf_item, *item]
+
+    def user_vectors(self):
+        return torch.cat([self.gmf_user.weight, self.user_embedding.weight], dim=1)
+
+    def item_vectors(self):
+        items = torch.arange(self.item_embedding.num_embeddings, device=self.levels.device)
+        return torch.cat([self.item_embedding_of(self.gmf_item, items),
+                          self.item_embedding_of(self.item_embedding, items)], dim=1)
+
+
+class TwoTower(RatingModel):
+    """global mean + b_u + b_i + <user tower(e_u), item tower(e_i)>; the towers end without activation."""
+
+    def __init__(self, spec, item_genres=None):
+        super().__init__(spec, item_genres)
+        n_users, n_items = int(spec["n_users"]), int(spec["n_items"])
+        user_dim, item_dim = int(spec["user_dim"]), int(spec["item_dim"])
+        hidden, dropout, bn = [int(h) for h in spec["hidden"]], float(spec["dropout"]), bool(spec["batch_norm"])
+        self.user_embedding = embedding(n_users, user_dim)
+        self.item_embedding = embedding(n_items, item_dim)
+        self.user_tower = mlp([user_dim, *hidden], dropout, bn, last_activation=False)
+        self.item_tower = mlp([item_dim, *hidden], dropout, bn, last_activation=False)
+        self.user_bias, self.item_bias = bias(n_users), bias(n_items)
+
+    def _users(self, users):
+        return self.user_tower(self.user_embedding(users)), users
+
+    def _items(self, items):
+        return self.item_tower(self.item_embedding_of(self.item_embedding, items)), items
+
+    def _pair(self, u, i):
+        return self.biases(u[1], i[1]) + (u[0] * i[0]).sum(-1)
+
+    def _grid(self, u, i):
+        return self.biases(u[1][:, None], i[1][None, :]) + u[0] @ i[0].T
+
+    def user_vectors(self):
+        return self.user_tower(self.user_embedding.weight)
+
+    def item_vectors(self):
+        return self.item_tower(super().item_vectors())

@@ -1,0 +1,134 @@
+"""Training with 2 Horovod ranks in Spark local mode, on synthetic data with a planted structure."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from pipeline import config, metrics, prepare, storage, synth, train
+from pipeline.config import ConfigError
+from pipeline.storage import StageError
+
+ROOT = Path(__file__).resolve().parents[1]
+SYNTH = ["synth.users=600", "synth.items=300", "synth.ratings=60000", "synth.rank=4", "synth.noise=0.5",
+         "synth.seed=7"]
+FAST = ["train.epochs=12", "train.patience=3", "train.batch_size=512", "train.lr=0.005", "train.user_dim=16",
+        "train.item_dim=16", "train.l2=0.02"]
+
+
+def cfg(*overrides):
+    return config.load(overrides=[*SYNTH, "prepare.max_ranks=2", *FAST, *overrides])
+
+
+@pytest.fixture(scope="module")
+def synthetic(spark, tmp_path_factory):
+    base = tmp_path_factory.mktemp("synthetic")
+    c = cfg()
+    truth = synth.generate(spark, c.synth, str(base / "raw"))
+    prepare.prepare(spark, c, str(base / "raw"), str(base / "prepared"))
+    return base / "prepared", truth
+
+
+def valid_rmse_of(model_dir, data_dir) -> float:
+    model, _ = train.load_model(str(model_dir))
+    valid = pd.read_parquet(Path(data_dir) / "valid")
+    with torch.no_grad():
+        pred = model.predict(torch.as_tensor(valid.user_idx.to_numpy(), dtype=torch.long),
+                             torch.as_tensor(valid.item_idx.to_numpy(), dtype=torch.long)).numpy()
+    return metrics.rating_errors(metrics.error_sums(pred, valid.rating.to_numpy()))["rmse"]
+
+
+def test_mf_recovers_the_planted_structure_and_round_trips(spark, synthetic, tmp_path):
+    data, truth = synthetic
+    m = train.train(spark, cfg(), str(data), str(tmp_path / "mf"))
+    rmse = m["metrics"]["valid_rmse"]
+    assert rmse <= 1.05 * truth["oracle_rmse"], (rmse, truth["oracle_rmse"])
+    assert len(m["ranks"]) == 2 and all(r["rows"] > 0 for r in m["ranks"])
+    assert m["history"][0]["valid_rmse"] > rmse  # it learned something over the epochs
+    # The saved weights are the best epoch's, and predict the same numbers after a reload.
+    assert valid_rmse_of(tmp_path / "mf", data) == pytest.approx(rmse, abs=1e-5)
+    state = torch.load(tmp_path / "mf" / "model.pt", weights_only=True)
+    assert "user_embedding.weight" in state or any("user" in k for k in state)
+    assert (tmp_path / "mf" / "learning_curves.png").stat().st_size > 1000
+
+
+def test_one_and_two_ranks_agree_and_runs_repeat(spark, synthetic, tmp_path):
+    data, _ = synthetic
+    two = train.train(spark, cfg(), str(data), str(tmp_path / "two"))
+    one = train.train(spark, cfg("train.num_proc=1", "train.batch_size=1024", "train.lr=0.01"), str(data),
+                      str(tmp_path / "one"))
+    assert abs(one["metrics"]["valid_rmse"] - two["metrics"]["valid_rmse"]) < 0.01
+    again = train.train(spark, cfg(), str(data), str(tmp_path / "again"))
+    assert again["history"] == [{**h, "samples_per_s": a["samples_per_s"], "seconds": a["seconds"]}
+                                for h, a in zip(two["history"], again["history"])]
+
+
+@pytest.mark.parametrize("model,extra,bound", [
+    ("dmf", ["train.hidden=[32,16]", "train.user_dim=24", "train.item_dim=12"], 1.15),
+    ("dmf", ["train.head=softmax", "train.genres=true", "train.batch_norm=true", "train.dropout=0.1"], 1.2),
+    ("neumf", ["train.hidden=[32,16]"], 1.15),
+    ("two_tower", ["train.hidden=[32,16]", "train.genres=true"], 1.15),
+])
+def test_other_models_learn(spark, synthetic, tmp_path, model, extra, bound):
+    data, truth = synthetic
+    m = train.train(spark, cfg(f"train.model={model}", *extra), str(data), str(tmp_path / model))
+    # Well below predicting the global mean, and within a stated factor of the oracle.
+    assert m["metrics"]["valid_rmse"] <= bound * truth["oracle_rmse"], (m["metrics"], truth["oracle_rmse"])
+    assert valid_rmse_of(tmp_path / model, data) == pytest.approx(m["metrics"]["valid_rmse"], abs=1e-5)
+
+
+def test_bad_configuration_fails_before_any_rank_starts(spark, synthetic, tmp_path):
+    data, _ = synthetic
+    with pytest.raises(ConfigError, match="train.model must be one of"):
+        cfg("train.model=svd")
+    with pytest.raises(ConfigError, match="user_dim"):
+        cfg("train.user_dim=-3")
+    with pytest.raises(ConfigError, match="softmax"):
+        train.check(spark, cfg("train.head=softmax"), str(data))
+    with pytest.raises(StageError, match="no manifest.json"):
+        train.train(spark, cfg(), str(tmp_path / "nothing"), str(tmp_path / "m"))
+    with pytest.raises(StageError, match="task slots"):
+        train.check(spark, cfg("train.num_proc=3", "prepare.max_ranks=4"), str(data))
+    old = tmp_path / "old"
+    import shutil
+
+    shutil.copytree(data, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    (old / "manifest.json").write_text(json.dumps({**manifest, "schema_version": 0}))
+    with pytest.raises(StageError, match="schema version 0"):
+        train.train(spark, cfg(), str(old), str(tmp_path / "m"))
+    assert not (tmp_path / "m").exists()
+
+
+def test_resume_after_a_kill_reaches_the_uninterrupted_result(synthetic, tmp_path):
+    data, _ = synthetic
+    args = [sys.executable, "-m", "pipeline.cli", "train", "--data", str(data), "--set", "prepare.max_ranks=2",
+            *[a for o in FAST for a in ("--set", o)], "--set", "train.patience=20"]
+    full = subprocess.run([*args, "--out", str(tmp_path / "full")], capture_output=True, text=True, timeout=600)
+    assert full.returncode == 0, full.stderr[-3000:]
+    out = tmp_path / "killed"
+    checkpoint = Path(f"{out}.checkpoint") / "checkpoint.pt"
+    proc = subprocess.Popen([*args, "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if checkpoint.exists() and torch.load(checkpoint, weights_only=True)["state"]["epoch"] >= 4:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not out.exists()
+    resumed = subprocess.run([*args, "--out", str(out), "--resume"], capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a = storage.read_manifest(str(tmp_path / "full"), "train")
+    b = storage.read_manifest(str(out), "train")
+    assert [h["valid_rmse"] for h in b["history"]] == [h["valid_rmse"] for h in a["history"]]
+    np.testing.assert_allclose(valid_rmse_of(out, data), valid_rmse_of(tmp_path / "full", data), atol=1e-6)
