@@ -71,9 +71,9 @@ class TrainConfig:
     batch_norm: bool = False
     head: str = "regression"  # regression | softmax
     genres: bool = False  # item genres as side features
-    l2: float = 0.0  # on the embedding rows that appear in a batch
+    l2: float = 0.05  # on the embedding rows that appear in a batch
     weight_decay: float = 0.0  # on the dense (MLP) weights
-    lr: float = 0.01  # for one rank; multiplied by the number of ranks when scale_lr is true
+    lr: float = 0.003  # for one rank; multiplied by the number of ranks when scale_lr is true
     scale_lr: bool = True
     optimizer: str = "adam"  # adam | sgd | adagrad
     batch_size: int = 1024  # per rank
