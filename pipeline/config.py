@@ -93,7 +93,7 @@ class TrainConfig:
 @dataclass
 class RecommendConfig:
     top_n: int = 10
-    users_per_block: int = 4096
+    users_per_block: int = 512  # dmf/neumf grids are block x 2048 items x first hidden width floats
     format: str = "parquet"  # parquet | csv
     candidates: int = 0  # two-stage mode: retrieve this many by dot product, re-rank with the model
 
