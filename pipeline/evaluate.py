@@ -27,7 +27,8 @@ def evaluate(spark: SparkSession, cfg: Config, model_dir: str, data_dir: str | N
     data_dir, data = model_and_data(model_dir, data_dir)
     levels = np.asarray(data["rating_levels"], dtype=np.float64)
     valid = spark.read.parquet(f"{data_dir.rstrip('/')}/{data['paths']['valid']}")
-    scored = predict_pairs(spark, model_dir, valid.select("user_idx", "item_idx", "rating"))
+    # Read twice (error sums, plot sample): persisted so the model scores the validation set once.
+    scored = predict_pairs(spark, model_dir, valid.select("user_idx", "item_idx", "rating")).persist()
 
     def error_sums(batches):
         for pdf in batches:
@@ -65,6 +66,7 @@ def evaluate(spark: SparkSession, cfg: Config, model_dir: str, data_dir: str | N
                     "mean_popularity": metrics.mean_popularity(recommended, counts)},
     }
     sample = scored.select("prediction", "rating").limit(SAMPLE_FOR_PLOTS).toPandas()
+    scored.unpersist()
     with storage.publish(out) as tmp:
         fs, plain = storage.filesystem(tmp)
         with fs.open(f"{plain}/metrics.json", "w") as f:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from pipeline import metrics, models
+from pipeline.storage import filesystem
 
 COLUMNS = ("user_idx", "item_idx", "rating")
 
@@ -66,20 +67,16 @@ def evaluate(model, users, items, ratings, batch: int = 65536) -> dict:
 
 def save(obj, path: str) -> None:
     """torch.save through fsspec, written to a temporary name first so a kill never leaves half a file."""
-    import fsspec
-
     buffer = io.BytesIO()
     torch.save(obj, buffer)
-    fs, _, (plain,) = fsspec.get_fs_token_paths(path)
+    fs, plain = filesystem(path)
     with fs.open(plain + ".partial", "wb") as f:
         f.write(buffer.getvalue())
     fs.mv(plain + ".partial", plain)
 
 
 def load(path: str):
-    import fsspec
-
-    fs, _, (plain,) = fsspec.get_fs_token_paths(path)
+    fs, plain = filesystem(path)
     if not fs.exists(plain):
         return None
     with fs.open(plain, "rb") as f:
