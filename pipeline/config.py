@@ -72,9 +72,11 @@ class TrainConfig:
     head: str = "regression"  # regression | softmax
     genres: bool = False  # item genres as side features
     l2: float = 0.05  # on the embedding rows that appear in a batch
+    bias_l2: float | None = None  # on the user and item biases in a batch; None: the same as l2
     weight_decay: float = 0.0  # on the dense (MLP) weights
     lr: float = 0.003  # for one rank; multiplied by the number of ranks when scale_lr is true
     scale_lr: bool = True
+    lr_decay: float = 1.0  # the learning rate is multiplied by this after every epoch
     optimizer: str = "adam"  # adam | sgd | adagrad
     batch_size: int = 1024  # per rank
     epochs: int = 20
@@ -133,6 +135,8 @@ class Config:
             (self.train.model in TrainConfig.MODELS, f"train.model must be one of {TrainConfig.MODELS}, not {self.train.model!r}"),
             (self.train.head in TrainConfig.HEADS, f"train.head must be one of {TrainConfig.HEADS}"),
             (self.train.optimizer in TrainConfig.OPTIMIZERS, f"train.optimizer must be one of {TrainConfig.OPTIMIZERS}"),
+            (not self.train.sparse_gradients or self.train.optimizer in ("sgd", "adagrad"),
+             "train.sparse_gradients needs train.optimizer sgd or adagrad (torch's Adam takes dense gradients only)"),
             (self.train.user_dim > 0 and self.train.item_dim > 0, "train.user_dim and train.item_dim must be positive"),
             (all(isinstance(h, int) and h > 0 for h in self.train.hidden), "train.hidden must be a list of positive sizes"),
             (self.train.model != "mf" or self.train.user_dim == self.train.item_dim,
@@ -140,10 +144,14 @@ class Config:
             (self.train.model != "two_tower" or self.train.hidden, "two_tower needs train.hidden"),
             (0 <= self.train.dropout < 1, "train.dropout must lie in [0, 1)"),
             (self.train.lr > 0 and self.train.batch_size > 0, "train.lr and train.batch_size must be positive"),
+            (0 < self.train.lr_decay <= 1, "train.lr_decay must lie in (0, 1]"),
             (self.train.epochs > 0 and self.train.patience > 0, "train.epochs and train.patience must be positive"),
             (self.train.num_proc >= 1, "train.num_proc must be at least 1"),
-            (self.train.l2 >= 0 and self.train.weight_decay >= 0, "train.l2 and train.weight_decay must not be negative"),
+            (self.train.l2 >= 0 and self.train.weight_decay >= 0 and (self.train.bias_l2 or 0) >= 0,
+             "train.l2, train.bias_l2 and train.weight_decay must not be negative"),
             (1 <= self.recommend.top_n <= 1000, "recommend.top_n must lie between 1 and 1000"),
+            (self.recommend.candidates == 0 or self.recommend.candidates >= self.recommend.top_n,
+             "recommend.candidates must be 0 (score every item) or at least recommend.top_n"),
             (self.recommend.format in ("parquet", "csv"), "recommend.format must be parquet or csv"),
             (self.evaluate.k >= 1, "evaluate.k must be at least 1"),
         ]
@@ -203,18 +211,28 @@ def parse_override(text: str) -> dict:
 
 
 def load(path: str | None = None, overrides: list[str] = (), flags: dict | None = None) -> Config:
-    """The config from a YAML file (or the defaults), `--set` overrides, then explicit flags (dotted keys)."""
+    """The config from a YAML file (or the defaults), `--set` overrides, then explicit flags (dotted keys).
+
+    A file may hold a `models:` section of tuned train settings per model name; those of the chosen
+    train.model apply over the file's `train:` section and under `--set` and flags."""
     values: dict = {}
     if path:
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file {path} does not exist")
         values = yaml.safe_load(p.read_text()) or {}
+    per_model = values.pop("models", None) or {}
+    unknown = sorted(set(per_model) - set(TrainConfig.MODELS))
+    if unknown:
+        raise ConfigError(f"{path}: models.{unknown[0]} is not a model; known: {', '.join(TrainConfig.MODELS)}")
+    later: dict = {}
     for text in overrides:
-        values = _merge(values, parse_override(text))
+        later = _merge(later, parse_override(text))
     for key, value in (flags or {}).items():
         if value is not None:
-            values = _merge(values, _nest(key, value))
+            later = _merge(later, _nest(key, value))
+    model = later.get("train", {}).get("model") or values.get("train", {}).get("model") or TrainConfig.model
+    values = _merge(_merge(values, {"train": per_model.get(model) or {}}), later)
     return _build(Config, values, "").validate()
 
 

@@ -120,10 +120,8 @@ class RatingModel(nn.Module):
         return self.global_mean + self.user_bias(users).squeeze(-1) + self.item_bias(items).squeeze(-1)
 
     def tables(self) -> tuple[list[nn.Embedding], list[nn.Embedding]]:
-        """(user-side tables, item-side tables) that the batch-wise L2 applies to."""
-        user = [t for t in (self.user_embedding, self.user_bias) if t is not None]
-        item = [t for t in (self.item_embedding, self.item_bias) if t is not None]
-        return user, item
+        """(user-side tables, item-side tables) that the batch-wise L2 applies to, biases apart."""
+        return [self.user_embedding], [self.item_embedding]
 
     def forward(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """Unclipped ratings [B] (regression) or logits over the rating levels [B, L] (softmax)."""
@@ -156,10 +154,13 @@ class RatingModel(nn.Module):
                   for s in range(0, len(items), item_chunk)]
         return torch.cat(scores, dim=1) if scores else self.levels.new_zeros((len(users), 0))
 
-    def embedding_l2(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        """Mean over the batch of the squared norms of the embedding and bias rows the batch uses."""
+    def regularizer(self, users: torch.Tensor, items: torch.Tensor, l2: float, bias_l2: float) -> torch.Tensor:
+        """Mean over the batch of l2 x the squared norms of the embedding rows the batch uses, plus
+        bias_l2 x their squared biases: rows are penalised as often as they are used, as in SGD on MF."""
         user_tables, item_tables = self.tables()
-        total = sum(t(users).pow(2).sum(-1) for t in user_tables) + sum(t(items).pow(2).sum(-1) for t in item_tables)
+        total = l2 * (sum(t(users).pow(2).sum(-1) for t in user_tables) + sum(t(items).pow(2).sum(-1) for t in item_tables))
+        if self.user_bias is not None:
+            total = total + bias_l2 * (self.user_bias(users).squeeze(-1) ** 2 + self.item_bias(items).squeeze(-1) ** 2)
         return total.mean()
 
     def user_vectors(self) -> torch.Tensor:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import time
 
 import numpy as np
@@ -60,20 +61,26 @@ def check(spark: SparkSession, cfg: Config, data_dir: str) -> tuple[dict, dict]:
     return data, spec
 
 
+def make_job(cfg: Config, data_dir: str, data: dict, spec: dict, work: str, resume: bool) -> dict:
+    """Everything a rank needs, as plain picklable values."""
+    return {"train": vars(cfg.train).copy(), "spec": spec, "resume": resume,
+            "item_genres": item_genres(read_table(data_dir, data, "items"), spec),
+            "train_url": storage.url(f"{data_dir.rstrip('/')}/{data['paths']['train']}"),
+            "valid_url": storage.url(f"{data_dir.rstrip('/')}/{data['paths']['valid']}"),
+            "checkpoint": f"{work}/checkpoint.pt", "weights": f"{work}/best.pt",
+            "progress": sys.stdout.isatty()}
+
+
 def train(spark: SparkSession, cfg: Config, data_dir: str, out: str, resume: bool = False) -> dict:
     import horovod.spark
 
     data, spec = check(spark, cfg, data_dir)
-    genres = item_genres(read_table(data_dir, data, "items"), spec)
     work = f"{out.rstrip('/')}.checkpoint"
     fs, plain_work = storage.filesystem(work)
     if not resume and fs.exists(plain_work):
         fs.rm(plain_work, recursive=True)
     fs.makedirs(plain_work, exist_ok=True)
-    job = {"train": vars(cfg.train).copy(), "spec": spec, "item_genres": genres, "resume": resume,
-           "train_url": storage.url(f"{data_dir.rstrip('/')}/{data['paths']['train']}"),
-           "valid_url": storage.url(f"{data_dir.rstrip('/')}/{data['paths']['valid']}"),
-           "checkpoint": f"{work}/checkpoint.pt", "weights": f"{work}/best.pt"}
+    job = make_job(cfg, data_dir, data, spec, work, resume)
     log.info("train: %s on %s ratings, %d ranks", cfg.train.model, f"{data['counts']['train']:,}", cfg.train.num_proc)
     started = time.time()
     results = sorted(horovod.spark.run(rank_main, args=(job,), num_proc=cfg.train.num_proc, verbose=0),

@@ -44,10 +44,13 @@ def to_tensors(shard: dict, device) -> tuple[torch.Tensor, ...]:
             torch.as_tensor(shard["rating"], dtype=torch.float32, device=device))
 
 
+def embedding_tables(model) -> list[torch.nn.Module]:
+    return [m for m in model.modules() if isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag))]
+
+
 def make_optimizer(name: str, model, lr: float, weight_decay: float):
     # Weight decay on the dense layers only; embedding rows get the batch-wise L2 of the loss instead.
-    tables = {id(p) for m in model.modules() if isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag))
-              for p in m.parameters()}
+    tables = {id(p) for m in embedding_tables(model) for p in m.parameters()}
     groups = [{"params": [p for p in model.parameters() if id(p) in tables], "weight_decay": 0.0},
               {"params": [p for p in model.parameters() if id(p) not in tables], "weight_decay": weight_decay}]
     if name == "sgd":
@@ -83,6 +86,26 @@ def load(path: str):
         return torch.load(io.BytesIO(f.read()), weights_only=True)
 
 
+class Progress:
+    """A one-line bar redrawn in place, for an interactive terminal only (the driver decides)."""
+
+    def __init__(self, total: int, label: str, width: int = 30):
+        self.total, self.label, self.width, self.started, self.drawn = total, label, width, time.time(), 0.0
+
+    def update(self, done: int) -> None:
+        now = time.time()
+        if now - self.drawn < 0.2 and done < self.total:
+            return
+        self.drawn = now
+        filled = self.width * done // self.total
+        rate = done / max(now - self.started, 1e-9)
+        print(f"\r{self.label} [{'#' * filled}{'.' * (self.width - filled)}] {done}/{self.total} steps"
+              f"  ETA {(self.total - done) / rate:.0f}s", end="", flush=True)
+
+    def close(self) -> None:
+        print("\r\033[K", end="", flush=True)
+
+
 def rank_main(job: dict) -> dict:
     import horovod.torch as hvd
 
@@ -99,6 +122,10 @@ def rank_main(job: dict) -> dict:
     valid = to_tensors(read_shard(job["valid_url"], rank, size), device)
     genres = torch.as_tensor(job["item_genres"], dtype=torch.long) if job["item_genres"] is not None else None
     model = models.build(job["spec"], genres).to(device)
+    for table in embedding_tables(model):
+        # Sparse gradients hold only the rows a batch touched; Horovod allgathers them instead of
+        # allreducing whole tables, and the optimizer updates only those rows.
+        table.sparse = t["sparse_gradients"]
     lr = t["lr"] * (size if t["scale_lr"] else 1)
     optimizer = make_optimizer(t["optimizer"], model, lr, t["weight_decay"])
     optimizer = hvd.DistributedOptimizer(
@@ -117,6 +144,7 @@ def rank_main(job: dict) -> dict:
     state = hvd.broadcast_object(state, root_rank=0)
     state["best_model"] = best_model
 
+    bias_l2 = t["l2"] if t["bias_l2"] is None else t["bias_l2"]
     n_local = len(train[0])
     n_total = int(hvd.allreduce(torch.tensor(float(n_local)), op=hvd.Sum).item())
     batch = t["batch_size"]
@@ -130,29 +158,37 @@ def rank_main(job: dict) -> dict:
             break
         epoch_start = time.time()
         model.train()
+        for group in optimizer.param_groups:  # from the epoch alone, so that a resumed run decays the same
+            group["lr"] = lr * t["lr_decay"] ** epoch
         # Seeded by (seed, epoch, rank), so a resumed run draws exactly what an uninterrupted one would.
         gen = torch.Generator().manual_seed(t["seed"] * 1_000_003 + epoch * 1009 + rank)
         torch.manual_seed(t["seed"] * 7919 + epoch * 31 + rank)
         order = torch.cat([torch.randperm(n_local, generator=gen)
                            for _ in range(math.ceil(steps * batch / max(n_local, 1)))]).to(device)
         loss_sum = torch.zeros((), device=device)
+        progress = Progress(steps, f"epoch {epoch + 1}/{t['epochs']}") if job.get("progress") and rank == 0 else None
         for step in range(steps):
             idx = order[step * batch:(step + 1) * batch]
             u, i, r = train[0][idx], train[1][idx], train[2][idx]
             optimizer.zero_grad()
             loss = model.loss(u, i, r)
-            if t["l2"] > 0:
-                loss = loss + t["l2"] * model.embedding_l2(u, i)
+            if t["l2"] > 0 or bias_l2 > 0:
+                loss = loss + model.regularizer(u, i, t["l2"], bias_l2)
             loss.backward()
             optimizer.step()
             loss_sum += loss.detach()
+            if progress:
+                progress.update(step + 1)
+        train_seconds = time.time() - epoch_start
+        if progress:
+            progress.close()
         train_loss = hvd.allreduce(loss_sum / steps, op=hvd.Average).item()
         sums = evaluate(model, *valid)
         reduced = hvd.allreduce(torch.tensor([sums["sse"], sums["sae"], sums["n"]], dtype=torch.float64), op=hvd.Sum)
         errors = metrics.rating_errors(dict(zip(("sse", "sae", "n"), reduced.tolist())))
         seconds = time.time() - epoch_start
         record = {"epoch": epoch + 1, "train_loss": train_loss, "valid_rmse": errors["rmse"],
-                  "valid_mae": errors["mae"], "samples_per_s": steps * batch * size / seconds, "seconds": seconds}
+                  "valid_mae": errors["mae"], "samples_per_s": steps * batch * size / train_seconds, "seconds": seconds}
         state["history"].append(record)
         if errors["rmse"] < state["best_rmse"] - 1e-6:
             state.update(best_rmse=errors["rmse"], best_epoch=epoch + 1,

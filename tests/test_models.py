@@ -63,7 +63,7 @@ def test_shapes(model, head):
     assert out.shape == ((4, 5) if head == "softmax" else (4,))
     assert m.predict(users, items).shape == (4,)
     assert m.loss(users, items, ratings).ndim == 0 and torch.isfinite(m.loss(users, items, ratings))
-    assert m.embedding_l2(users, items).ndim == 0 and m.embedding_l2(users, items) > 0
+    assert m.regularizer(users, items, 1.0, 1.0).ndim == 0 and m.regularizer(users, items, 1.0, 1.0) > 0
     assert m.eval().score_all(users, torch.arange(N_ITEMS), item_chunk=5).shape == (4, N_ITEMS)
     assert m.user_vectors().shape[0] == N_USERS and m.item_vectors().shape[0] == N_ITEMS
     assert "item_genres" in m.state_dict() and torch.equal(m.state_dict()["item_genres"], genre_matrix())
@@ -185,8 +185,8 @@ def test_regression_loss_is_mse_and_l2_covers_the_batch_rows():
     assert torch.allclose(m.loss(users, items, ratings), ((m(users, items) - ratings) ** 2).mean())
     p, q = m.user_embedding.weight, m.item_embedding.weight
     bu, bi = m.user_bias.weight[:, 0], m.item_bias.weight[:, 0]
-    by_row = (p[users] ** 2).sum(1) + (q[items] ** 2).sum(1) + bu[users] ** 2 + bi[items] ** 2
-    assert torch.allclose(m.embedding_l2(users, items), by_row.mean())
+    by_row = 0.3 * ((p[users] ** 2).sum(1) + (q[items] ** 2).sum(1)) + 0.1 * (bu[users] ** 2 + bi[items] ** 2)
+    assert torch.allclose(m.regularizer(users, items, 0.3, 0.1), by_row.mean())
 
 
 def test_genres_shape_the_item_vectors():
@@ -220,7 +220,7 @@ def held_out_rmse(s: dict, steps: int, lr: float, l2: float) -> tuple[float, flo
     optimizer = torch.optim.Adam(m.parameters(), lr=lr)
     for _ in range(steps):
         optimizer.zero_grad()
-        loss = m.loss(users[train], items[train], ratings[train]) + l2 * m.embedding_l2(users[train], items[train])
+        loss = m.loss(users[train], items[train], ratings[train]) + m.regularizer(users[train], items[train], l2, l2)
         loss.backward()
         optimizer.step()
     m.eval()

@@ -73,6 +73,22 @@ def test_one_and_two_ranks_agree_and_runs_repeat(spark, synthetic, tmp_path):
                                 for h, a in zip(two["history"], again["history"])]
 
 
+def test_sparse_and_fp16_gradient_exchange_train_like_the_dense_allreduce(spark, synthetic, tmp_path):
+    data, _ = synthetic
+    short = ["train.optimizer=adagrad", "train.lr=0.05", "train.epochs=4", "train.patience=4"]
+    dense = train.train(spark, cfg(*short), str(data), str(tmp_path / "dense"))
+    sparse = train.train(spark, cfg(*short, "train.sparse_gradients=true"), str(data), str(tmp_path / "sparse"))
+    fp16 = train.train(spark, cfg(*short, "train.fp16_allreduce=true"), str(data), str(tmp_path / "fp16"))
+    curve = [h["valid_rmse"] for h in dense["history"]]
+    # Adagrad leaves untouched rows alone either way, so allgathered sparse rows give the same updates;
+    # fp16 rounds the gradients in transit and ends close.
+    np.testing.assert_allclose([h["valid_rmse"] for h in sparse["history"]], curve, atol=1e-4)
+    np.testing.assert_allclose([h["valid_rmse"] for h in fp16["history"]], curve, atol=1e-2)
+    assert curve[-1] < curve[0]
+    with pytest.raises(ConfigError, match="sparse_gradients needs"):
+        cfg("train.sparse_gradients=true")
+
+
 @pytest.mark.parametrize("model,extra,bound", [
     ("dmf", ["train.hidden=[32,16]", "train.user_dim=24", "train.item_dim=12"], 1.4),
     ("dmf", ["train.head=softmax", "train.genres=true", "train.batch_norm=true", "train.dropout=0.1"], 1.5),

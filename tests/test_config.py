@@ -1,0 +1,42 @@
+"""Config precedence: file, then the file's per-model settings, then --set, then flags."""
+from pathlib import Path
+
+import pytest
+
+from pipeline import config
+from pipeline.config import ConfigError
+
+
+def write(tmp_path, text):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_per_model_settings_apply_to_the_chosen_model_only(tmp_path):
+    path = write(tmp_path, "train: {model: mf, l2: 0.3, lr: 0.01}\n"
+                           "models: {mf: {l2: 0.1}, dmf: {l2: 0.02, dropout: 0.5}}\n")
+    mf = config.load(path).train
+    assert (mf.model, mf.l2, mf.lr, mf.dropout) == ("mf", 0.1, 0.01, 0.0)
+    dmf = config.load(path, ["train.model=dmf"]).train
+    assert (dmf.l2, dmf.dropout, dmf.lr) == (0.02, 0.5, 0.01)
+    assert config.load(path, ["train.model=dmf", "train.l2=0.2"]).train.l2 == 0.2
+    assert config.load(path, flags={"train.model": "neumf"}).train.l2 == 0.3
+    assert config.load(path, ["train.l2=0.7"], flags={"train.l2": 0.9}).train.l2 == 0.9
+
+
+def test_bad_keys_are_named(tmp_path):
+    with pytest.raises(ConfigError, match="models.svd is not a model"):
+        config.load(write(tmp_path, "models: {svd: {l2: 0.1}}\n"))
+    with pytest.raises(ConfigError, match="unknown config key train.l3"):
+        config.load(write(tmp_path, "models: {mf: {l3: 0.1}}\n"))
+    with pytest.raises(ConfigError, match="sparse_gradients needs"):
+        config.load(overrides=["train.sparse_gradients=true", "train.optimizer=adam"])
+    with pytest.raises(ConfigError, match="lr_decay"):
+        config.load(overrides=["train.lr_decay=0"])
+
+
+def test_shipped_configs_load_for_every_model():
+    for name in ("local", "ml-100k", "ml-1m", "ml-20m", "cluster.example"):
+        for model in config.TrainConfig.MODELS:
+            config.load(str(Path(__file__).resolve().parents[1] / "conf" / f"{name}.yaml"), [f"train.model={model}"])
