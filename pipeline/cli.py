@@ -51,7 +51,10 @@ STAGE_FLAGS["train"] = TRAIN_FLAGS
 STAGE_FLAGS["evaluate"] = {"--k": ("evaluate.k", int, "cut-off of the ranking metrics"),
                            "--relevant-rating": ("evaluate.relevant_rating", float, "validation ratings at or above this are relevant")}
 STAGE_FLAGS["recommend"] = {"--top-n": ("recommend.top_n", int, "recommendations per user (1-1000)"),
-                            "--format": ("recommend.format", str, "parquet or csv")}
+                            "--format": ("recommend.format", str, "parquet or csv"),
+                            "--candidates": ("recommend.candidates", int, "two-stage: retrieve this many unseen items "
+                                                                          "per user by dot product, re-rank with the "
+                                                                          "model (0: score every item)")}
 STAGE_FLAGS["predict"] = {}
 STAGE_FLAGS["similar"] = {}
 STAGE_FLAGS["run"] = {"--input": STAGE_FLAGS["prepare"]["--input"], **TRAIN_FLAGS, **STAGE_FLAGS["recommend"]}
@@ -83,6 +86,10 @@ def parser() -> argparse.ArgumentParser:
                                           "one the model was trained on)")
         if name in ("evaluate", "recommend", "predict", "similar"):
             p.add_argument("--model", dest="model_dir", help="model directory (default: work_dir/models/RUN)")
+        if name == "recommend":
+            p.add_argument("--retrieval-model", dest="retrieval_model_dir",
+                           help="two-stage: the mf or two_tower model that retrieves candidates (default: the model "
+                                "itself, which must then be mf or two_tower)")
         if name == "train":
             p.add_argument("--resume", action="store_true", help="continue from the last checkpoint of a stopped run")
         if name == "predict":

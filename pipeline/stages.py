@@ -46,7 +46,8 @@ def recommend(cfg: Config, args) -> str:
     from pipeline import recommend as recommend_mod
 
     out = getattr(args, "out", None) or cfg.path("recommendations", cfg.run)
-    manifest = recommend_mod.recommend(session(cfg.spark), cfg, _model_dir(cfg, args), getattr(args, "data", None), out)
+    manifest = recommend_mod.recommend(session(cfg.spark), cfg, _model_dir(cfg, args), getattr(args, "data", None), out,
+                                       retrieval_model_dir=getattr(args, "retrieval_model_dir", None))
     return recommend_mod.summary(manifest, out)
 
 

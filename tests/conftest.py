@@ -2,6 +2,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline import config, prepare, synth, train
 from pipeline.config import SparkConfig
 from pipeline.spark import session
 
@@ -24,3 +25,16 @@ def ml100k() -> Path:
     if not (SHARED / "raw" / "u.data").is_file():
         pytest.fail(f"MovieLens 100K is expected at {SHARED} (the shared data folder beside the checkout)")
     return SHARED
+
+
+@pytest.fixture(scope="session")
+def small_mf(spark, tmp_path_factory):
+    """(cfg, base): a 2-rank mf model trained on a small synthetic set, for the stages that use a model."""
+    base = tmp_path_factory.mktemp("small")
+    cfg = config.load(overrides=["synth.users=200", "synth.items=60", "synth.ratings=6000", "synth.seed=3",
+                                 "prepare.max_ranks=2", "train.epochs=3", "train.user_dim=8", "train.item_dim=8",
+                                 "recommend.top_n=5", "recommend.users_per_block=37"])
+    synth.generate(spark, cfg.synth, str(base / "raw"))
+    prepare.prepare(spark, cfg, str(base / "raw"), str(base / "data"))
+    train.train(spark, cfg, str(base / "data"), str(base / "model"))
+    return cfg, base

@@ -1,28 +1,52 @@
-"""Recommend and evaluate on a small prepared synthetic set with a trained 2-rank mf model."""
+"""Recommend (exact and two-stage) and evaluate on a small prepared synthetic set with 2-rank mf and dmf models."""
+import json
+import shutil
+
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
-from pipeline import config, evaluate, metrics, prepare, recommend, synth, train
+from pipeline import config, evaluate, recommend, train
+from pipeline.storage import StageError
 
 
 @pytest.fixture(scope="module")
-def trained(spark, tmp_path_factory):
-    base = tmp_path_factory.mktemp("rec")
-    cfg = config.load(overrides=["synth.users=200", "synth.items=60", "synth.ratings=6000", "synth.seed=3",
-                                 "prepare.max_ranks=2", "train.epochs=3", "train.user_dim=8", "train.item_dim=8",
-                                 "recommend.top_n=5", "recommend.users_per_block=37"])
-    synth.generate(spark, cfg.synth, str(base / "raw"))
-    prepare.prepare(spark, cfg, str(base / "raw"), str(base / "data"))
-    train.train(spark, cfg, str(base / "data"), str(base / "model"))
-    return cfg, base
+def trained(small_mf):
+    return small_mf
 
 
-def test_top_n_for_every_user_unseen_ordered_and_equal_to_brute_force(spark, trained):
+@pytest.fixture(scope="module")
+def exact(spark, trained):
+    """The mf model's exact (one-stage) recommendations in Parquet."""
     cfg, base = trained
-    m = recommend.recommend(spark, cfg, str(base / "model"), None, str(base / "recs"))
-    recs = pd.read_parquet(base / "recs" / "recommendations")
+    manifest = recommend.recommend(spark, cfg, str(base / "model"), None, str(base / "recs"))
+    return manifest, pd.read_parquet(base / "recs" / "recommendations")
+
+
+@pytest.fixture(scope="module")
+def dmf(spark, trained):
+    """A dmf model on the same prepared data, and its exact recommendations."""
+    cfg, base = trained
+    cfg = config.load(overrides=["train.model=dmf", "train.hidden=[16]", "train.epochs=3", "train.user_dim=8",
+                                 "train.item_dim=8", "recommend.top_n=5", "recommend.users_per_block=37"])
+    train.train(spark, cfg, str(base / "data"), str(base / "dmf"))
+    recommend.recommend(spark, cfg, str(base / "dmf"), None, str(base / "dmf_recs"))
+    return cfg, pd.read_parquet(base / "dmf_recs" / "recommendations")
+
+
+def two_stage(cfg, candidates):
+    return config.load(overrides=["recommend.top_n=5", "recommend.users_per_block=37",
+                                  f"recommend.candidates={candidates}"])
+
+
+def by_user(recs):
+    return recs.sort_values(["user_id", "rank"]).reset_index(drop=True)
+
+
+def test_top_n_for_every_user_unseen_ordered_and_equal_to_brute_force(spark, trained, exact):
+    cfg, base = trained
+    m, recs = exact
     users = pd.read_parquet(base / "data" / "users")
     items = pd.read_parquet(base / "data" / "items")
     seen = pd.concat([pd.read_parquet(base / "data" / s) for s in ("train", "valid")])
@@ -55,3 +79,95 @@ def test_evaluate_matches_the_training_metrics(spark, trained):
     assert 0 <= m["ranking"]["ndcg@10"] <= 1 and m["ranking"]["users"] > 0
     for png in ("learning_curves.png", "predictions.png", "item_embeddings.png"):
         assert (base / "report" / png).stat().st_size > 1000
+
+
+def test_a_user_who_rated_all_but_three_items_gets_those_three(spark, trained):
+    cfg, base = trained
+    model, manifest = train.load_model(str(base / "model"))
+    n_items = manifest["spec"]["n_items"]
+    left = [5, 17, 42]
+    seen = spark.createDataFrame(pd.DataFrame({"user_idx": [0, 1, 2], "seen": [
+        [i for i in range(n_items) if i not in left], [], list(range(n_items))]}), "user_idx int, seen array<int>")
+    with torch.no_grad():
+        scores = model.score_all(torch.tensor([0]), torch.tensor(left))[0].numpy()
+    for candidates in (0, 10):  # exact, and two-stage with the model as its own retriever
+        got = recommend.top_n(spark, str(base / "model"), seen, 5, 2, str(base / "model"), candidates).toPandas()
+        got = got.sort_values(["user_idx", "rank"])
+        user0 = got[got.user_idx == 0]
+        assert user0["rank"].tolist() == [1, 2, 3]
+        assert user0.item_idx.tolist() == [left[i] for i in np.argsort(-scores, kind="stable")]
+        assert (got.user_idx == 1).sum() == 5 and (got.user_idx == 2).sum() == 0
+
+
+def test_csv_output_has_the_same_rows_as_parquet(spark, trained, exact):
+    cfg, base = trained
+    csv_cfg = config.load(overrides=["recommend.top_n=5", "recommend.users_per_block=37", "recommend.format=csv"])
+    m = recommend.recommend(spark, csv_cfg, str(base / "model"), None, str(base / "recs_csv"))
+    parts = sorted((base / "recs_csv" / "recommendations").glob("part-*.csv"))
+    got, want = by_user(pd.concat(pd.read_csv(p) for p in parts)), by_user(exact[1])
+    assert m["format"] == "csv" and m["counts"] == exact[0]["counts"] and len(got) == len(want) > 0
+    assert list(got.columns) == list(want.columns)
+    for column in ("user_id", "rank", "item_id", "title"):
+        assert got[column].tolist() == want[column].tolist()
+    np.testing.assert_allclose(got.score, want.score, rtol=1e-6)
+
+
+def test_two_stage_with_every_item_a_candidate_is_exact(spark, trained, dmf):
+    _, base = trained
+    cfg, want = dmf
+    m = recommend.recommend(spark, two_stage(cfg, 1000), str(base / "dmf"), None, str(base / "two_full"),
+                            retrieval_model_dir=str(base / "model"))
+    got = pd.read_parquet(base / "two_full" / "recommendations")
+    got, want = by_user(got), by_user(want)
+    assert got[["user_id", "rank", "item_id"]].equals(want[["user_id", "rank", "item_id"]])
+    np.testing.assert_allclose(got.score, want.score, rtol=1e-5)
+    assert m["two_stage"] == {"candidates": 1000, "retrieval_model": str(base / "model"), "recall_vs_exact": 1.0,
+                              "users_checked": want.user_id.nunique()}
+    assert "recall 1.000" in recommend.summary(m, str(base / "two_full"))
+
+
+def test_two_stage_with_few_candidates_keeps_n_unseen_items_and_reports_recall(spark, trained, dmf):
+    _, base = trained
+    cfg, exact_recs = dmf
+    m = recommend.recommend(spark, two_stage(cfg, 6), str(base / "dmf"), None, str(base / "two_small"),
+                            retrieval_model_dir=str(base / "model"))
+    got = pd.read_parquet(base / "two_small" / "recommendations")
+    users = pd.read_parquet(base / "data" / "users")
+    items = pd.read_parquet(base / "data" / "items")
+    seen = pd.concat([pd.read_parquet(base / "data" / s) for s in ("train", "valid")])
+    seen = seen.merge(users, on="user_idx").merge(items, on="item_idx")
+    assert not got.merge(seen, on=["user_id", "item_id"]).shape[0]
+    unseen = len(items) - seen.groupby("user_id").item_id.nunique()
+    per_user = got.groupby("user_id").size()
+    assert (per_user == np.minimum(5, unseen[per_user.index])).all()
+    assert set(per_user.index) == set(unseen[unseen > 0].index)
+    assert not got.duplicated(["user_id", "item_id"]).any()
+    # every user is in the sample (200 < 1000), so the recall is the overlap with the whole exact output
+    overlap = len(got.merge(exact_recs, on=["user_id", "item_id"]))
+    two = m["two_stage"]
+    assert two["users_checked"] == exact_recs.user_id.nunique()
+    assert two["recall_vs_exact"] == pytest.approx(overlap / len(exact_recs))
+    assert 0 <= two["recall_vs_exact"] <= 1
+
+
+def test_two_stage_needs_a_dot_product_retriever_trained_on_the_same_data(trained, dmf, tmp_path):
+    _, base = trained
+    cfg, _ = dmf
+    # spark=None: each of these must fail before any Spark work
+    with pytest.raises(StageError, match=r"is a dmf model: give a retrieval model trained as mf or two_tower"):
+        recommend.recommend(None, two_stage(cfg, 10), str(base / "dmf"), None, str(tmp_path / "out"))
+    with pytest.raises(StageError, match=r"recommend.candidates=3 must be at least recommend.top_n=5"):
+        recommend.recommend(None, two_stage(cfg, 3), str(base / "dmf"), None, str(tmp_path / "out"),
+                            retrieval_model_dir=str(base / "model"))
+    with pytest.raises(StageError, match=r"recommend.candidates is 0"):
+        recommend.recommend(None, cfg, str(base / "dmf"), None, str(tmp_path / "out"),
+                            retrieval_model_dir=str(base / "model"))
+    stale = tmp_path / "stale"
+    shutil.copytree(base / "model", stale)
+    manifest = json.loads((stale / "manifest.json").read_text())
+    manifest["data"]["created_at"] = "2000-01-01T00:00:00+00:00"
+    (stale / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(StageError, match=r"has since been rewritten"):
+        recommend.recommend(None, two_stage(cfg, 10), str(base / "dmf"), None, str(tmp_path / "out"),
+                            retrieval_model_dir=str(stale))
+    assert not (tmp_path / "out").exists()
