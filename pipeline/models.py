@@ -138,19 +138,24 @@ class RatingModel(nn.Module):
         midpoints = (self.levels[1:] + self.levels[:-1]) / 2
         return torch.bucketize(ratings.to(self.levels.dtype), midpoints)
 
+    def expected(self, out: torch.Tensor) -> torch.Tensor:
+        """Model output -> expected rating, unclipped: the score to rank by, since clipping ties the top."""
+        return torch.softmax(out, dim=-1) @ self.levels if self.softmax else out
+
     def rating(self, out: torch.Tensor) -> torch.Tensor:
         """Model output -> expected rating, clipped to the level range."""
-        if self.softmax:
-            out = torch.softmax(out, dim=-1) @ self.levels
-        return out.clamp(self.levels[0], self.levels[-1])
+        return self.expected(out).clamp(self.levels[0], self.levels[-1])
 
     def predict(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         return self.rating(self(users, items))
 
-    def score_all(self, users: torch.Tensor, items: torch.Tensor, item_chunk: int = 2048) -> torch.Tensor:
-        """Predicted ratings [B, M] for every user x item; peak memory grows with B x item_chunk x width."""
+    def score_all(self, users: torch.Tensor, items: torch.Tensor, item_chunk: int = 2048,
+                  clip: bool = True) -> torch.Tensor:
+        """Predicted ratings [B, M] for every user x item (unclipped with clip=False, to rank by); peak memory
+        grows with B x item_chunk x width."""
         u = self._users(users)
-        scores = [self.rating(self._grid(u, self._items(items[s:s + item_chunk])))
+        to_rating = self.rating if clip else self.expected
+        scores = [to_rating(self._grid(u, self._items(items[s:s + item_chunk])))
                   for s in range(0, len(items), item_chunk)]
         return torch.cat(scores, dim=1) if scores else self.levels.new_zeros((len(users), 0))
 

@@ -2,7 +2,8 @@
 
 The model's weights are broadcast once; each task rebuilds the model, scores a block of users
 against every item with the model's `score_all` (a matrix product for mf and two_tower, a split
-first layer for dmf and neumf), masks what each user has already rated, and keeps the N best.
+first layer for dmf and neumf), masks what each user has already rated, and keeps the N best. Items are
+ranked by the unclipped predicted rating: clipped to the scale, every item above it would tie at the top.
 
 Two-stage mode (`recommend.candidates` > 0): a block is first scored by the dot product of an mf or
 two_tower retrieval model, which is cheap for any catalog, and only each user's best `candidates`
@@ -138,7 +139,7 @@ def _mask_seen(scores: torch.Tensor, seen: pd.Series) -> torch.Tensor:
 def _top_block(model, pdf: pd.DataFrame, items: torch.Tensor, n: int) -> pd.DataFrame:
     users = _user_tensor(pdf)
     with torch.no_grad():
-        scores = _mask_seen(model.score_all(users, items), pdf.seen)
+        scores = _mask_seen(model.score_all(users, items, clip=False), pdf.seen)
     return _best(users, scores, items.expand(len(users), -1), n)
 
 
@@ -151,7 +152,7 @@ def _two_stage_block(model, vectors, pdf: pd.DataFrame, n: int, candidates: int)
         # In item order, so that with every item a candidate the ranking (ties included) is the exact one.
         cand, order = cand.sort(dim=1)
         reach = reach.gather(1, order)
-        fine = model.predict(users[:, None].expand_as(cand).reshape(-1), cand.reshape(-1)).reshape(cand.shape)
+        fine = model.expected(model(users[:, None].expand_as(cand).reshape(-1), cand.reshape(-1))).reshape(cand.shape)
         fine[~torch.isfinite(reach)] = -torch.inf  # seen items, when candidates reach past the unseen ones
     return _best(users, fine, cand, n)
 
@@ -181,14 +182,12 @@ def model_and_data(model_dir: str, data_dir: str | None) -> tuple[str, dict]:
 def retrieval_model(cfg: Config, model_dir: str, data_dir: str, retrieval_model_dir: str | None) -> str | None:
     """The model that retrieves two-stage candidates (None when recommend.candidates is 0), checked before any
     Spark work: an mf or two_tower model trained on the same prepared data as the model."""
-    candidates, n = cfg.recommend.candidates, cfg.recommend.top_n
+    candidates = cfg.recommend.candidates
     if candidates == 0:
         if retrieval_model_dir:
             raise StageError(f"a retrieval model ({retrieval_model_dir}) was given but recommend.candidates is 0: "
                              f"set it to the number of candidates to retrieve per user")
         return None
-    if candidates < n:
-        raise StageError(f"recommend.candidates={candidates} must be at least recommend.top_n={n}")
     retrieval = retrieval_model_dir or model_dir
     kind = storage.read_manifest(retrieval, "train")["spec"]["model"]
     if kind not in RETRIEVAL_MODELS:

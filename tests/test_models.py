@@ -145,6 +145,7 @@ def test_regression_predictions_are_clipped_but_forward_is_not():
         with torch.no_grad():
             assert torch.all(m.predict(users, items) == clipped)
             assert torch.all(m.score_all(users, torch.arange(N_ITEMS)) == clipped)
+            assert torch.all((m.score_all(users, torch.arange(N_ITEMS), clip=False) - clipped).abs() > 2)
             assert torch.all((m(users, items) - clipped).abs() > 2)
     # the loss sees the unclipped value, so it still has a gradient beyond the top level
     m = models.build(spec("mf", global_mean=9.0))
