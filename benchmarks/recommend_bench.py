@@ -77,8 +77,9 @@ def main() -> None:
     rows.append(("ALS recommendForAllUsers", timed(als_recommend, args.repeat)))
     print(rows[-1], flush=True)
     als_median = statistics.median(rows[-1][1])
-    lines = ["# recommend benchmark\n", f"Written by `benchmarks/recommend_bench.py --ratings {args.ratings} --rank "
-             f"{args.rank}`. Machine: {machine()}.\n",
+    source = f"--data {args.data}" if args.data else f"--ratings {args.ratings}"
+    lines = ["# recommend benchmark\n", f"Written by `benchmarks/recommend_bench.py {source} --rank {args.rank} "
+             f"--models {args.models} --repeat {args.repeat}`. Machine: {machine()}.\n",
              f"Data: {counts['users']:,} users x {counts['items']:,} items, {counts['train']:,} training ratings; "
              f"top {args.top_n} for every user, rank {args.rank}, Spark local[2]; ALS fitted with "
              f"{args.als_iterations} iterations in {fit_seconds:.0f} s (not part of the timings).\n",
