@@ -16,12 +16,12 @@ import re
 import tempfile
 import zipfile
 from dataclasses import dataclass
+from urllib.parse import unquote
 
 import pandas as pd
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from pipeline.frames import consecutive_index
 from pipeline.storage import StageError, filesystem
 
 WHOLE_STARS = (1.0, 5.0, 1.0)
@@ -116,38 +116,66 @@ def _unzip(path: str) -> str:
 
 
 def read_ratings(spark: SparkSession, source: Source) -> tuple[DataFrame, pd.DataFrame]:
-    """All rows as strings: file_idx, line, raw, user_id, item_id, rating, timestamp, fields.
+    """All rows as strings: file_idx, block, row, raw, user_id, item_id, rating, timestamp, fields.
 
-    `line` is the 1-based line (or, for Parquet, row) within its file. Returns the rows and the
-    table of files (file_idx -> path), so that the wide rows carry a small integer, not a path.
+    (file_idx, block, row) says where a row was read: its file, the byte offset of the file split it
+    came in (input_file_block_start) and its ordinal in the Spark partition, consecutive within the
+    split. Sorted, it puts a file's rows in the order of its lines; `line_offsets` turns it into line
+    numbers once the rows of each split are counted, which prepare does in a job it runs anyway, so
+    that the files are read only once. A CSV file's first row is its header. Returns the rows and
+    the table of files (file_idx -> path), so that the wide rows carry a small integer, not a path.
     """
     if source.format == "parquet":
         return _read_parquet(spark, source)
-    text = (spark.read.text(source.ratings)
-            .withColumn("_file", F.input_file_name())
-            .withColumn("_block", F.input_file_block_start()))
-    numbered = consecutive_index(text, "line", chunk_cols=["_block"], restart_cols=["_file"])
-    numbered, files = _file_index(spark, numbered)
+    rows, files = _positioned(spark, spark.read.text(source.ratings))
     if source.format == "csv":
-        _check_csv_header(numbered, files)
-        numbered = numbered.where(~((F.col("line") == 0) & F.col("value").startswith("userId")))
+        _check_csv_headers(files)
     parts = F.split(F.col("value"), re.escape(SEPARATORS[source.format]))
-    rows = numbered.select(
-        "file_idx", (F.col("line") + 1).alias("line"), F.col("value").alias("raw"),
+    rows = rows.select(
+        "file_idx", "block", "row", F.col("value").alias("raw"),
         F.trim(parts[0]).alias("user_id"), F.trim(parts[1]).alias("item_id"),
         F.trim(parts[2]).alias("rating"), F.trim(parts[3]).alias("timestamp"),
         F.size(parts).alias("fields"))
     return rows, files
 
 
-def _check_csv_header(numbered: DataFrame, files: pd.DataFrame) -> None:
-    headers = numbered.where("line = 0").select("file_idx", "value").collect()
-    for row in headers:
-        columns = [c.strip() for c in row.value.split(",")]
+def _positioned(spark: SparkSession, df: DataFrame) -> tuple[DataFrame, pd.DataFrame]:
+    """Adds file_idx, block and row (see read_ratings) without running a job."""
+    files = pd.DataFrame({"source": sorted(df.inputFiles())})  # the paths as input_file_name spells them
+    files.insert(0, "file_idx", range(len(files)))
+    lookup = spark.createDataFrame(files.rename(columns={"source": "_file"}))
+    rows = (df.select("*", F.input_file_name().alias("_file"), F.input_file_block_start().alias("block"),
+                      F.monotonically_increasing_id().alias("row"))
+            .join(F.broadcast(lookup), "_file", "left").drop("_file"))
+    return rows, files
+
+
+def line_offsets(chunks: pd.DataFrame) -> pd.DataFrame:
+    """The `offset` of each (file_idx, block) such that line = row + offset, and its `first_row`.
+
+    `chunks` counts the rows `n` and gives the smallest `row` of each (file_idx, block), possibly in
+    several parts (prepare counts by reason too).
+    """
+    if chunks.file_idx.isna().any():
+        raise StageError("internal error: rows were read from a file that Spark did not list")
+    chunks = (chunks.groupby(["file_idx", "block"], as_index=False)
+              .agg(n=("n", "sum"), first_row=("row", "min")).sort_values(["file_idx", "block"]))
+    before = chunks.groupby("file_idx").n.cumsum() - chunks.n
+    return chunks.assign(offset=before + 1 - chunks.first_row)[["file_idx", "block", "first_row", "offset"]]
+
+
+def _check_csv_headers(files: pd.DataFrame) -> None:
+    for path in files.source:
+        fs, plain = filesystem(unquote(path))
+        with fs.open(plain, "rb", compression="infer") as f:
+            first = f.readline()
+        if not first:  # an empty part file has no header, and no rows
+            continue
+        first = first.decode("utf-8", "replace").rstrip("\r\n")
+        columns = [c.strip() for c in first.split(",")]
         if columns[:4] != CSV_HEADER:
-            path = files.loc[files.file_idx == row.file_idx, "source"].iloc[0]
             missing = [c for c in CSV_HEADER if c not in columns]
-            raise StageError(f"{path}: line 1 must be the header {','.join(CSV_HEADER)}, found {row.value!r}"
+            raise StageError(f"{path}: line 1 must be the header {','.join(CSV_HEADER)}, found {first!r}"
                              + (f" (missing {', '.join(missing)})" if missing else ""))
 
 
@@ -163,25 +191,11 @@ def _read_parquet(spark: SparkSession, source: Source) -> tuple[DataFrame, pd.Da
             raise StageError(f"{source.ratings}: required column {column!r} is missing "
                              f"(accepted names: {', '.join(names)}; found: {', '.join(df.columns)})")
         chosen[column] = F.col(found[0]).cast("string")
-    tagged = (df.select(*[c.alias(k) for k, c in chosen.items()])
-              .withColumn("_file", F.input_file_name())
-              .withColumn("_block", F.input_file_block_start()))
-    numbered = consecutive_index(tagged, "line", chunk_cols=["_block"], restart_cols=["_file"])
-    numbered, files = _file_index(spark, numbered)
-    rows = numbered.select(
-        "file_idx", (F.col("line") + 1).alias("line"),
-        F.concat_ws(",", *[F.coalesce(F.col(k), F.lit("")) for k in chosen]).alias("raw"),
+    rows, files = _positioned(spark, df.select(*[c.alias(k) for k, c in chosen.items()]))
+    rows = rows.select(
+        "file_idx", "block", "row", F.concat_ws(",", *[F.coalesce(F.col(k), F.lit("")) for k in chosen]).alias("raw"),
         *chosen, F.lit(4).alias("fields"))
     return rows, files
-
-
-def _file_index(spark: SparkSession, df: DataFrame) -> tuple[DataFrame, pd.DataFrame]:
-    paths = sorted(r._file for r in df.select("_file").distinct().collect())
-    if not paths:
-        raise StageError("the input holds no rows")
-    files = pd.DataFrame({"file_idx": range(len(paths)), "source": paths})
-    lookup = spark.createDataFrame(files.rename(columns={"source": "_file"}))
-    return df.join(F.broadcast(lookup), "_file").drop("_file", "_block"), files
 
 
 def read_movies(source: Source) -> pd.DataFrame:

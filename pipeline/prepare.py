@@ -34,73 +34,132 @@ def prepare(spark: SparkSession, cfg: Config, input_path: str | None = None, out
         raise StageError("prepare needs an input: --input PATH (or prepare.input in the config)")
     out = out or cfg.path("prepared", cfg.dataset)
     started = time.time()
+    spark.conf.set("spark.sql.execution.arrow.pyspark.enabled", "true")  # the id maps pass through pandas
     source = ingest.detect(input_path, cfg.prepare.format)
     log.info("prepare: reading %s ratings from %s", source.format, source.ratings)
     raw, files = ingest.read_ratings(spark, source)
-    checked = mark_duplicates(validate(raw, source.scale)).persist(StorageLevel.MEMORY_AND_DISK)
+    # The one shuffle of the ratings: by user, into as many partitions as output files. The duplicate
+    # window, the per-user split windows, the id joins (broadcast) and the writes all keep it.
+    n_files = cfg.prepare.max_ranks * cfg.prepare.row_groups_per_rank
+    cached = _persist_uncompressed(spark, mark_duplicates(validate(raw, source.scale).repartition(n_files, "user_id")))
     try:
-        counts = {r.reason: r["count"] for r in checked.groupBy("reason").count().collect()}
+        counts, lines, headers = _count_rows(spark, cached, source.format)
+        checked = cached.where(~F.col("row").isin(headers)) if headers else cached
         total = sum(counts.values())
         invalid = {k: v for k, v in counts.items() if k is not None}
-        _check_rejections(source, files, checked, total, invalid, cfg.prepare.max_reject_fraction)
+        _check_rejections(source, files, lines, checked, total, invalid, cfg.prepare.max_reject_fraction)
 
         valid = checked.where("reason IS NULL").drop("reason", "raw")
         kept, below_min = filter_min_ratings(valid, cfg.prepare.min_user_ratings, cfg.prepare.min_item_ratings)
         train, held_out = split(kept, cfg.prepare.split)
-        train = train.persist(StorageLevel.MEMORY_AND_DISK)
-        if train.limit(1).count() == 0:
+        users = F.broadcast(dense_ids(train, "user_id", "user_idx"))
+        items = F.broadcast(dense_ids(train, "item_id", "item_idx"))
+        if users.isEmpty():
             raise StageError(f"{input_path}: no rating is left for training after filtering and splitting "
                              f"({cfg.prepare.split.method} split)")
-        users = dense_ids(train, "user_id", "user_idx").persist()
-        items = dense_ids(train, "item_id", "item_idx").persist()
-        valid_rows = held_out.join(users, "user_id").join(items, "item_id")
-        cold = held_out.join(valid_rows.select("user_id", "item_id"), ["user_id", "item_id"], "left_anti")
-        manifest = _publish(spark, cfg, out, source, files, input_path, checked, below_min, cold,
-                            train.join(users, "user_id").join(items, "item_id"), valid_rows, users, items, counts)
+        held_out = held_out.join(users.drop("count"), "user_id", "left").join(items.drop("count"), "item_id", "left")
+        known = F.col("user_idx").isNotNull() & F.col("item_idx").isNotNull()
+        manifest = _publish(spark, cfg, out, source, files, lines, input_path, counts, users, items,
+                            train=train.join(users.drop("count"), "user_id").join(items.drop("count"), "item_id"),
+                            valid=held_out.where(known),
+                            rejected=[checked.where("reason IS NOT NULL"),
+                                      below_min.withColumn("reason", F.lit("below_min_ratings")),
+                                      held_out.where(~known).withColumn("reason", F.lit("cold_start_validation"))])
     finally:
-        checked.unpersist()
+        cached.unpersist()
     log.info("prepare: wrote %s in %.1f s", out, time.time() - started)
     return manifest
+
+
+def _count_rows(spark: SparkSession, checked: DataFrame, fmt: str) -> tuple[dict, DataFrame, list]:
+    """Rows by reason (None: valid), the line offsets of the file splits, and the rows that are CSV headers.
+
+    The job that fills the cache of `checked` counts its rows by reason and by file split. A CSV
+    file's header, its first row, went through validation like any line, but it is no rating.
+    """
+    groups = (checked.groupBy("reason", "file_idx", "block")
+              .agg(F.count(F.lit(1)).alias("n"), F.min("row").alias("row")).toPandas())
+    offsets = ingest.line_offsets(groups)
+    headers = sorted(int(r) for r in offsets.first_row[offsets.block == 0]) if fmt == "csv" else []
+    counts = {}
+    for g in groups.itertuples():
+        counts[g.reason] = counts.get(g.reason, 0) + int(g.n) - (int(g.row) in headers)
+    lines = F.broadcast(spark.createDataFrame(offsets[["file_idx", "block", "offset"]]))
+    return {reason: n for reason, n in counts.items() if n}, lines, headers
+
+
+def _persist_uncompressed(spark: SparkSession, df: DataFrame) -> DataFrame:
+    """df.persist(), without the compression of the cache (the setting is read when persist is called).
+
+    Choosing and applying an encoding for every column of tens of millions of rows costs more CPU
+    than all the later scans of the cache together.
+    """
+    key = "spark.sql.inMemoryColumnarStorage.compressed"
+    before = spark.conf.get(key)
+    spark.conf.set(key, "false")
+    try:
+        return df.persist(StorageLevel.MEMORY_AND_DISK)
+    finally:
+        spark.conf.set(key, before)
 
 
 def validate(raw: DataFrame, scale: tuple) -> DataFrame:
     """Types the string columns and names the first problem of each row in `reason` (null when fine)."""
     low, high, step = scale
-    rating = F.col("rating").cast("double")
-    reason = F.when(F.col("fields") != 4, "unparseable_line")
+    # Each cast once, in its own select: Spark does not share an expression between CASE branches.
+    typed = raw.select("file_idx", "block", "row", "raw", "fields", "user_id", "item_id", "timestamp",
+                       F.col("rating").cast("double").alias("_rating"),
+                       *[F.col(c).cast("long").alias(f"_{c}") for c in ("user_id", "item_id", "timestamp")])
+    rating = F.col("_rating")
+
+    def plain(column: str, below: int):
+        """Digits without sign, blanks or leading zeros, below a bound: cheaper to check than the regexes."""
+        number = F.col(f"_{column}")
+        return (number.cast("string") == F.col(column)) & (number >= 0) & (number < below)
+
+    bad_rating = rating.isNull() | F.isnan(rating)
+    off_scale = (rating < low) | (rating > high) | (F.abs(rating / step - F.round(rating / step)) > 1e-6)
+    # The first branch passes the common, clean row; the others find the reason of any other row.
+    reason = F.when((F.col("fields") == 4) & plain("user_id", INT32_MAX + 1) & plain("item_id", INT32_MAX + 1)
+                    & ~bad_rating & ~off_scale & plain("timestamp", 10**18), F.lit(None))
+    reason = reason.when(F.col("fields") != 4, "unparseable_line")
     for column in ("user_id", "item_id"):
         value = F.col(column)
         reason = (reason.when(value.isNull() | (value == ""), "missing_id")
                   .when(~value.rlike(r"^-?[0-9]+$"), "non_integer_id")
                   .when(value.startswith("-"), "negative_id")
-                  .when((F.length(value) > 10) | (value.cast("long") > INT32_MAX), "id_out_of_range"))
-    reason = (reason.when(rating.isNull() | F.isnan(rating), "bad_rating")
-              .when((rating < low) | (rating > high) | (F.abs(rating / step - F.round(rating / step)) > 1e-6),
-                    "rating_out_of_scale")
+                  .when((F.length(value) > 10) | (F.col(f"_{column}") > INT32_MAX), "id_out_of_range"))
+    reason = (reason.when(bad_rating, "bad_rating")
+              .when(off_scale, "rating_out_of_scale")
               .when(~F.coalesce(F.col("timestamp"), F.lit("")).rlike(r"^[0-9]{1,18}$"), "bad_timestamp"))
-    typed_ok = reason.isNull()
-    return raw.select(
-        "file_idx", "line", "raw", reason.alias("reason"),
-        F.when(typed_ok, F.col("user_id").cast("int")).alias("user_id"),
-        F.when(typed_ok, F.col("item_id").cast("int")).alias("item_id"),
-        F.when(typed_ok, rating.cast("float")).alias("rating"),
-        F.when(typed_ok, F.col("timestamp").cast("long")).alias("timestamp"))
+    ok = F.col("reason").isNull()
+    return typed.withColumn("reason", reason).select(
+        "file_idx", "block", "row", "raw", "reason",
+        F.when(ok, F.col("_user_id").cast("int")).alias("user_id"),
+        F.when(ok, F.col("_item_id").cast("int")).alias("item_id"),
+        F.when(ok, rating.cast("float")).alias("rating"),
+        F.when(ok, F.col("_timestamp")).alias("timestamp"))
 
 
 def mark_duplicates(rows: DataFrame) -> DataFrame:
-    """Of several ratings of one (user, item), keeps the latest (ties: the last in the file); rejects the rest."""
+    """Of several ratings of one (user, item), keeps the latest (ties: the last in the file); rejects the rest.
+
+    Only rejected rows keep their raw text.
+    """
     order = Window.partitionBy("user_id", "item_id").orderBy(
-        F.col("timestamp").desc(), F.col("file_idx").desc(), F.col("line").desc())
+        F.col("timestamp").desc(), F.col("file_idx").desc(), F.col("block").desc(), F.col("row").desc())
     seq = F.when(F.col("reason").isNull(), F.row_number().over(order))
-    return rows.withColumn("reason", F.when(seq > 1, F.lit("duplicate_pair")).otherwise(F.col("reason")))
+    return (rows.withColumn("reason", F.when(seq > 1, F.lit("duplicate_pair")).otherwise(F.col("reason")))
+            .withColumn("raw", F.when(F.col("reason").isNotNull(), F.col("raw"))))
 
 
-def _check_rejections(source, files, checked: DataFrame, total: int, invalid: dict, max_fraction: float) -> None:
+def _check_rejections(source, files, lines: DataFrame, checked: DataFrame, total: int, invalid: dict,
+                      max_fraction: float) -> None:
     if total == 0 or total == sum(invalid.values()):
         raise StageError(f"{source.ratings}: yields no usable ratings ({total} rows read)")
     fraction = sum(invalid.values()) / total
     if fraction > max_fraction:
-        examples = checked.where("reason IS NOT NULL").orderBy("file_idx", "line").limit(5).collect()
+        examples = _with_line(checked.where("reason IS NOT NULL"), lines).orderBy("file_idx", "line").limit(5).collect()
         shown = "\n".join(f"  {files.source[r.file_idx]} line {r.line}: {r.reason}: {r.raw!r}" for r in examples)
         by_reason = ", ".join(f"{k} {v}" for k, v in sorted(invalid.items(), key=lambda kv: -kv[1]))
         raise StageError(
@@ -110,20 +169,29 @@ def _check_rejections(source, files, checked: DataFrame, total: int, invalid: di
 
 
 def filter_min_ratings(rows: DataFrame, min_user: int, min_item: int) -> tuple[DataFrame, DataFrame]:
-    """Drops users and items with too few ratings, again and again until none is left below the minimum."""
+    """Drops users and items with too few ratings, again and again until none is left below the minimum.
+
+    The rounds run on the (user, item) pairs alone. A row survives them exactly when its user and its
+    item do, so the rows are then split by two broadcast joins, which keep their partitioning.
+    """
     if min_user <= 1 and min_item <= 1:
         return rows, rows.limit(0)
-    kept = rows
+    pairs = rows.select("user_id", "item_id")
+    n = pairs.count()
     for _ in range(20):
-        before = kept.count()
         for column, minimum in (("user_id", min_user), ("item_id", min_item)):
             if minimum > 1:
-                enough = kept.groupBy(column).count().where(F.col("count") >= minimum).select(column)
-                kept = kept.join(enough, column).localCheckpoint()
-        if kept.count() == before:
+                enough = pairs.groupBy(column).count().where(F.col("count") >= minimum).select(column)
+                pairs = pairs.join(enough, column, "left_semi").localCheckpoint()
+        before, n = n, pairs.count()
+        if n == before:
             break
-    dropped = rows.join(kept.select("user_id", "item_id"), ["user_id", "item_id"], "left_anti")
-    return kept, dropped
+    flagged = rows
+    for column in ("user_id", "item_id"):
+        flagged = flagged.join(F.broadcast(pairs.select(column).distinct().withColumn(f"_{column}", F.lit(True))),
+                               column, "left")
+    survives = F.col("_user_id").isNotNull() & F.col("_item_id").isNotNull()
+    return flagged.where(survives).drop("_user_id", "_item_id"), flagged.where(~survives).drop("_user_id", "_item_id")
 
 
 def split(rows: DataFrame, cfg: SplitConfig) -> tuple[DataFrame, DataFrame]:
@@ -149,43 +217,51 @@ def split(rows: DataFrame, cfg: SplitConfig) -> tuple[DataFrame, DataFrame]:
     return marked.where(~F.col("_valid")).drop(*drop), marked.where(F.col("_valid")).drop(*drop)
 
 
-def _write_ratings(df: DataFrame, path: str, n_files: int) -> int:
-    """Petastorm shards by row group: enough files (one row group each) for every rank, none empty."""
-    out = (df.select(F.col("user_idx").cast("int"), F.col("item_idx").cast("int"),
-                     F.col("rating").cast("float"), F.col("timestamp").cast("long"))
-           .repartition(n_files, "user_idx", "item_idx").sortWithinPartitions("user_idx", "item_idx"))
-    out.write.parquet(path)
+def _write_ratings(df: DataFrame, path: str) -> int:
+    """One file of one row group per partition, so that petastorm can deal them out to the ranks.
+
+    The partitions are those of the shuffle by user in prepare. After a random or global_time split the
+    rows come sorted by user and item from the duplicate window, and Spark leaves this sort out.
+    """
+    (df.sortWithinPartitions("user_id", "item_id")
+     .select(F.col("user_idx").cast("int"), F.col("item_idx").cast("int"),
+             F.col("rating").cast("float"), F.col("timestamp").cast("long"))
+     .write.parquet(path))
     return storage.row_groups(path)
 
 
-def _publish(spark, cfg: Config, out, source, files, input_path, checked, below_min, cold,
-             train, valid, users, items, counts) -> dict:
+def _with_line(df: DataFrame, lines: DataFrame) -> DataFrame:
+    """Adds the 1-based line (for Parquet: row) of each row in its file, from the offsets of ingest.line_offsets."""
+    return df.join(lines, ["file_idx", "block"]).withColumn("line", F.col("row") + F.col("offset"))
+
+
+def _publish(spark, cfg: Config, out, source, files, lines, input_path, counts, users, items, train, valid,
+             rejected: list) -> dict:
     movies = ingest.read_movies(source)
     genre_names = sorted({g for gs in movies.genres for g in gs.split("|") if g})
     genre_of = {g: i for i, g in enumerate(genre_names)}
     movies["genre_idx"] = movies.genres.map(lambda gs: [genre_of[g] for g in gs.split("|") if g])
-    train_counts = train.groupBy("item_idx").agg(F.count(F.lit(1)).alias("train_count"))
-    items_out = (items.join(train_counts, "item_idx")
+    items_out = (items.withColumnRenamed("count", "train_count")
                  .join(_movies_frame(spark, movies), "item_id", "left"))
-    user_counts = train.groupBy("user_idx").agg(F.count(F.lit(1)).alias("train_count"))
-    users_out = users.join(user_counts, "user_idx")
-    n_files = cfg.prepare.max_ranks * cfg.prepare.row_groups_per_rank
-    file_names = spark.createDataFrame(files)
-    unused = below_min.withColumn("reason", F.lit("below_min_ratings")).unionByName(
-        cold.withColumn("reason", F.lit("cold_start_validation")))
-    rejected = (checked.where("reason IS NOT NULL")
-                .unionByName(unused.withColumn("raw", F.lit(None).cast("string")))
-                .join(F.broadcast(file_names), "file_idx").drop("file_idx"))
+    users_out = users.select("user_idx", "user_id", F.col("count").alias("train_count"))
+    columns = ["file_idx", "block", "row", "raw", "reason", "user_id", "item_id", "rating", "timestamp"]
+    rejected_rows = rejected[0].select(columns)
+    for part in rejected[1:]:
+        rejected_rows = rejected_rows.unionByName(part.withColumn("raw", F.lit(None).cast("string")).select(columns))
+    rejected_rows = (_with_line(rejected_rows, lines).join(F.broadcast(spark.createDataFrame(files)), "file_idx")
+                     .select("line", "raw", "reason", "user_id", "item_id", "rating", "timestamp", "source"))
 
     with storage.publish(out) as tmp:
-        row_groups = {"train": _write_ratings(train, f"{tmp}/train", n_files),
-                      "valid": _write_ratings(valid, f"{tmp}/valid", n_files)}
+        row_groups = {"train": _write_ratings(train, f"{tmp}/train"),
+                      "valid": _write_ratings(valid, f"{tmp}/valid")}
         users_out.orderBy("user_idx").coalesce(1).write.parquet(f"{tmp}/users")
         items_out.orderBy("item_idx").coalesce(1).write.parquet(f"{tmp}/items")
-        rejected.orderBy("source", "line").write.parquet(f"{tmp}/rejected")
-        written = spark.read.parquet(f"{tmp}/train")
-        stats = written.agg(F.count(F.lit(1)).alias("n"), F.avg("rating").alias("mean")).first()
-        levels = sorted(r.rating for r in written.select("rating").distinct().collect())
+        # Few rows: one sorted file, without the sampling pass over all rows that orderBy would make.
+        rejected_rows.repartition(1).sortWithinPartitions("source", "line").write.parquet(f"{tmp}/rejected")
+        # The counts of the manifest come from what was written.
+        stats = (spark.read.parquet(f"{tmp}/train")
+                 .agg(F.count(F.lit(1)).alias("n"), F.avg("rating").alias("mean"),
+                      F.collect_set("rating").alias("levels")).first())
         by_reason = {r.reason: r["count"] for r in spark.read.parquet(f"{tmp}/rejected").groupBy("reason").count().collect()}
         n_valid = spark.read.parquet(f"{tmp}/valid").count()
         n_rejected = sum(by_reason.values())
@@ -195,7 +271,7 @@ def _publish(spark, cfg: Config, out, source, files, input_path, checked, below_
             "source": {"input": input_path, "format": source.format, "ratings": source.ratings,
                        "movies": source.movies, "checksum": storage.checksum([source.ratings])},
             "rating_scale": dict(zip(("min", "max", "step"), source.scale)),
-            "rating_levels": levels,
+            "rating_levels": sorted(stats.levels),
             "global_mean": stats.mean,
             "counts": {"input_rows": sum(counts.values()), "train": stats.n, "valid": n_valid,
                        "rejected": n_rejected, "rejected_by_reason": by_reason,

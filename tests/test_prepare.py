@@ -39,16 +39,22 @@ GOOD = [f"{u}::{i}::{(u + i) % 5 + 1}::97830{u}{i}" for u in range(1, 21) for i 
 def test_validate_names_every_reason(spark, tmp_path):
     bad = ["1::1::5", "::2::3::978300000", "x::2::3::978300000", "1::1.5::3::978300000", "-4::2::3::978300000",
            "99999999999::2::3::978300000", "1::2::abc::978300000", "1::2::NaN::978300000", "1::2::6::978300000",
-           "1::2::3.5::978300000", "1::2::3::", "1::2::3::-5", "1::2::3::later"]
+           "1::2::3.5::978300000", "1::2::3::", "1::2::3::-5", "1::2::3::later",
+           # clean rows pass a quicker check than the one that names the reason: both must agree
+           "007:: 2 ::3::0978300000", "+5::2::3::978300000", "-0::2::3::978300000", "2147483648::2::3::978300000",
+           "5::2::3::1234567890123456789", "5::2::3::+978300000", "5::2.0::3::978300000"]
     path = tmp_path / "ratings.dat"
     path.write_text("\n".join(bad) + "\n")
     source = ingest.Source("ml-1m", str(path), None, ingest.WHOLE_STARS)
     raw, _ = ingest.read_ratings(spark, source)
-    got = {r.line: r.reason for r in prepare.validate(raw, source.scale).collect()}
-    assert got == {1: "unparseable_line", 2: "missing_id", 3: "non_integer_id", 4: "non_integer_id",
-                   5: "negative_id", 6: "id_out_of_range", 7: "bad_rating", 8: "bad_rating",
-                   9: "rating_out_of_scale", 10: "rating_out_of_scale", 11: "bad_timestamp",
-                   12: "bad_timestamp", 13: "bad_timestamp"}
+    # one small file, read as one split in one partition: the row ordinals count its lines from 0
+    rows = {r.row + 1: r for r in prepare.validate(raw, source.scale).collect()}
+    assert {line: r.reason for line, r in rows.items()} == {
+        1: "unparseable_line", 2: "missing_id", 3: "non_integer_id", 4: "non_integer_id", 5: "negative_id",
+        6: "id_out_of_range", 7: "bad_rating", 8: "bad_rating", 9: "rating_out_of_scale", 10: "rating_out_of_scale",
+        11: "bad_timestamp", 12: "bad_timestamp", 13: "bad_timestamp", 14: None, 15: "non_integer_id",
+        16: "negative_id", 17: "id_out_of_range", 18: "bad_timestamp", 19: "bad_timestamp", 20: "non_integer_id"}
+    assert (rows[14].user_id, rows[14].item_id, rows[14].rating, rows[14].timestamp) == (7, 2, 3.0, 978300000)
 
 
 def test_every_rejected_row_is_kept_with_file_line_and_reason(spark, tmp_path):
@@ -72,6 +78,37 @@ def test_every_rejected_row_is_kept_with_file_line_and_reason(spark, tmp_path):
     users, items = read(out, "users"), read(out, "items")
     pair = kept.merge(users, on="user_idx").merge(items, on="item_idx")
     assert pair[(pair.user_id == 2) & (pair.item_id == 1)].rating.tolist() == [4.0]
+
+
+def test_lines_are_counted_across_file_splits(spark, tmp_path):
+    """Two CSV part files, each read in several splits: every rejected row keeps its file's line number."""
+    folder = tmp_path / "release" / "ratings.csv"  # laid out as dmf synth writes it
+    folder.mkdir(parents=True)
+    for part in range(2):
+        lines = ["userId,movieId,rating,timestamp"] + [f"{u},{part * 20 + i},{(u + i) % 5 + 1},{978300000 + u * i}"
+                                                       for u in range(1, 31) for i in range(1, 21)]
+        if part == 0:
+            lines[99], lines[400] = "x,1,3,5", "1,2"  # lines 100 and 401
+        else:
+            lines[249] = "3,25,7,978300075"  # line 250
+            lines[589] = lines[2].replace(",2,", ",4,")  # line 590 rates line 3's pair at the same time
+        (folder / f"part-0000{part}.csv").write_text("\n".join(lines) + "\n")
+    key = "spark.sql.files.maxPartitionBytes"
+    before = spark.conf.get(key)
+    spark.conf.set(key, "2048")  # about six splits per file
+    try:
+        m = prepare.prepare(spark, cfg(max_reject_fraction=0.1), str(folder.parent), str(tmp_path / "out"))
+    finally:
+        spark.conf.set(key, before)
+    rejected = read(tmp_path / "out", "rejected")
+    got = {(Path(r.source).name, r.line): r.reason for r in rejected.itertuples() if r.reason != "cold_start_validation"}
+    assert got == {("part-00000.csv", 100): "non_integer_id", ("part-00000.csv", 401): "unparseable_line",
+                   ("part-00001.csv", 250): "rating_out_of_scale", ("part-00001.csv", 3): "duplicate_pair"}
+    assert rejected.raw[rejected.line == 401].tolist() == ["1,2"]
+    assert m["counts"]["input_rows"] == 1200
+    kept = pd.concat([read(tmp_path / "out", "train"), read(tmp_path / "out", "valid")])
+    pair = kept.merge(read(tmp_path / "out", "users"), on="user_idx").merge(read(tmp_path / "out", "items"), on="item_idx")
+    assert pair[(pair.user_id == 1) & (pair.item_id == 22)].rating.tolist() == [4.0]
 
 
 def test_too_many_rejections_fail_and_publish_nothing(spark, tmp_path):
