@@ -1,0 +1,35 @@
+"""benchmarks/bench.py on the small synthetic set: one repetition, two models, ALS with one setting."""
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline import config, evaluate
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import bench  # noqa: E402
+
+OVERRIDES = ["train.epochs=2", "train.user_dim=8", "train.item_dim=8", "train.hidden=[16]"]
+
+
+def test_bench_reports_what_evaluate_measures(spark, small_mf, tmp_path):
+    _, base = small_mf
+    result = bench.bench_dataset(spark, "tiny", None, OVERRIDES, str(base / "data"), ["mf", "two_tower"],
+                                 [(4, 0.1, 5)], 1, str(tmp_path / "work"))
+    result.update(command="bench test", machine="test machine", date="today", seconds=0.0)
+    out = tmp_path / "BENCHMARKS.md"
+    bench.publish(result, out)
+
+    text = out.read_text()
+    assert "## tiny" in text
+    assert "| ALS | rank 4, regParam 0.1, maxIter 5 |" in text
+    assert "| mf |" in text and "| two_tower |" in text
+    assert "synth-20m was not run" in text
+    assert (tmp_path / "benchmarks" / "rmse_vs_time.png").stat().st_size > 0
+    als = result["rows"][0]
+    assert 0 < als["rmse"] < 2 and 0 <= als["ndcg"] <= 1 and 0 <= als["recall"] <= 1
+    mf = result["rows"][1]
+    check = evaluate.evaluate(spark, config.load(overrides=OVERRIDES), mf["model_dir"], None, str(tmp_path / "check"))
+    assert mf["rmse"] == pytest.approx(check["rating"]["rmse"], abs=1e-5)
+    assert mf["ndcg"] == pytest.approx(check["ranking"]["ndcg@10"], abs=1e-5)
+    assert mf["recall"] == pytest.approx(check["ranking"]["recall@10"], abs=1e-5)
