@@ -102,11 +102,11 @@ def als_ranking(model, data_dir: str, data: dict, k: int, relevant_rating: float
     seen = train.read_table(data_dir, data, "train").groupby("user_idx").item_idx.apply(np.asarray)
     valid = train.read_table(data_dir, data, "valid")
     truth = valid[valid.rating >= relevant_rating].groupby("user_idx").item_idx.apply(set)
-    all_items, tops = torch.arange(len(items)), []
+    tops = []
     for start in range(0, len(truth), block):
         u = truth.index.to_numpy()[start:start + block]
         scores = recommend._mask_seen(torch.from_numpy(users[u] @ items.T), seen.reindex(u))
-        tops.append(recommend._best(torch.as_tensor(u), scores, all_items.expand(len(u), -1), k))
+        tops.append(recommend._best(torch.as_tensor(u), *recommend._top_k(scores, k)))
     lists = pd.concat(tops).sort_values(["user_idx", "rank"]).groupby("user_idx").item_idx.apply(list)
     order = truth.index.intersection(lists.index)
     return metrics.ranking_metrics([lists[u] for u in order], [truth[u] for u in order], k)

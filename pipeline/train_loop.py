@@ -106,6 +106,16 @@ class Progress:
         print("\r\033[K", end="", flush=True)
 
 
+def average_batch_norm_statistics(model: torch.nn.Module, hvd) -> None:
+    """Batch norm's running statistics are buffers, not parameters: each rank's follow its own shard and
+    no optimizer allreduces them. Averaged, every rank validates the same model that rank 0 saves."""
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
+            for stat in ("running_mean", "running_var"):
+                buffer = getattr(module, stat)
+                buffer.copy_(hvd.allreduce(buffer, op=hvd.Average, name=f"{name}.{stat}"))
+
+
 def rank_main(job: dict) -> dict:
     import horovod.torch as hvd
 
@@ -183,6 +193,7 @@ def rank_main(job: dict) -> dict:
         if progress:
             progress.close()
         train_loss = hvd.allreduce(loss_sum / steps, op=hvd.Average).item()
+        average_batch_norm_statistics(model, hvd)
         sums = evaluate(model, *valid)
         reduced = hvd.allreduce(torch.tensor([sums["sse"], sums["sae"], sums["n"]], dtype=torch.float64), op=hvd.Sum)
         errors = metrics.rating_errors(dict(zip(("sse", "sae", "n"), reduced.tolist())))

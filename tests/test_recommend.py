@@ -171,3 +171,21 @@ def test_two_stage_needs_a_dot_product_retriever_trained_on_the_same_data(traine
         recommend.recommend(None, two_stage(cfg, 10), str(base / "dmf"), None, str(tmp_path / "out"),
                             retrieval_model_dir=str(stale))
     assert not (tmp_path / "out").exists()
+
+
+def test_top_k_in_two_passes_equals_torch_topk():
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(50, 40 * recommend.TOPK_CHUNK, generator=g).round(decimals=1)  # many ties
+    scores[3] = -torch.inf  # a user with nothing left
+    scores[4, 5:] = -torch.inf  # and one with 5 items left
+    for k in (1, 10, 39):
+        values, items = recommend._top_k(scores, k)
+        assert torch.equal(values, torch.topk(scores, k, dim=1).values)
+        assert torch.equal(scores.gather(1, items), values)
+        finite = torch.isfinite(values)
+        assert all(len(set(row[keep].tolist())) == int(keep.sum()) for row, keep in zip(items, finite))
+
+
+def test_mask_seen_takes_arrays_lists_and_missing():
+    scores = recommend._mask_seen(torch.zeros(3, 5), pd.Series([np.array([1, 3]), None, [4]], dtype=object))
+    assert torch.isinf(scores).nonzero().tolist() == [[0, 1], [0, 3], [2, 4]]
