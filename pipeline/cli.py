@@ -114,7 +114,10 @@ def load_config(args) -> config_mod.Config:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    # --log-level applies to this package; other libraries log warnings only. py4j logs through the root
+    # logger, at INFO with a traceback, each pooled connection that Horovod's driver has hung up on: harmless.
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("pipeline").setLevel(args.log_level.upper())
     try:
         cfg = load_config(args)
         from pipeline import stages  # imports Spark; kept out of --help and config errors

@@ -71,6 +71,8 @@ class TrainConfig:
     batch_norm: bool = False
     head: str = "regression"  # regression | softmax
     genres: bool = False  # item genres as side features
+    item_history: bool = False  # each item's training ratings as a side feature (see pipeline.models)
+    history_l2: float = 0.05  # L2 on the rater vectors of the item history, per epoch
     l2: float = 0.05  # on the embedding rows that appear in a batch
     bias_l2: float | None = None  # on the user and item biases in a batch; None: the same as l2
     weight_decay: float = 0.0  # on the dense (MLP) weights
@@ -137,6 +139,10 @@ class Config:
             (self.train.optimizer in TrainConfig.OPTIMIZERS, f"train.optimizer must be one of {TrainConfig.OPTIMIZERS}"),
             (not self.train.sparse_gradients or self.train.optimizer in ("sgd", "adagrad"),
              "train.sparse_gradients needs train.optimizer sgd or adagrad (torch's Adam takes dense gradients only)"),
+            (not (self.train.sparse_gradients and self.train.item_history),
+             "train.item_history touches the rater vector of nearly every user at every step: it needs the dense "
+             "allreduce, not train.sparse_gradients"),
+            (self.train.history_l2 >= 0, "train.history_l2 must not be negative"),
             (self.train.user_dim > 0 and self.train.item_dim > 0, "train.user_dim and train.item_dim must be positive"),
             (all(isinstance(h, int) and h > 0 for h in self.train.hidden), "train.hidden must be a list of positive sizes"),
             (self.train.model != "mf" or self.train.user_dim == self.train.item_dim,

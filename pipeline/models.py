@@ -1,7 +1,14 @@
 """Rating models: mf, dmf, neumf and two_tower behind one interface.
 
 A model is rebuilt from its `spec` (a plain dict stored in the model manifest) and then loaded from a
-state_dict. Each model computes a rating two ways: `forward` on (user, item) pairs, and `score_all` on
+state_dict.
+
+Item side features, for every model: genres (the mean of the item's genre embeddings) and the item's
+rating history (`spec["item_history"]`: the number of training ratings it holds, 0 for none). The history
+adds sum over the users u who rated item i of (r_ui - global mean) / sqrt(n_i) * w_u to the item's vector,
+w a learned "rater" table: the item side of Koren's asymmetric factor model, and the linear encoder of
+I-AutoRec. Training leaves the rating being predicted out of its item's sum, so that the model learns what
+it will see at prediction time, when the rating to predict is not among the training ratings. Each model computes a rating two ways: `forward` on (user, item) pairs, and `score_all` on
 a users x items grid without building per-pair embeddings. The two must agree, and the tests check it.
 """
 from __future__ import annotations
@@ -36,6 +43,8 @@ def check_spec(spec: dict) -> None:
     levels = [float(x) for x in spec["rating_levels"]]
     if not levels or any(b <= a for a, b in zip(levels, levels[1:])):
         raise ValueError(f"rating_levels must be a non-empty increasing list, got {levels}")
+    if int(spec.get("item_history", 0)) < 0:
+        raise ValueError(f"item_history must be >= 0, got {spec['item_history']}")
     if int(spec["n_genres"]) < 0 or (int(spec["n_genres"]) > 0 and int(spec["max_genres"]) <= 0):
         raise ValueError(f"n_genres must be >= 0 and max_genres positive when there are genres, "
                          f"got n_genres={spec['n_genres']}, max_genres={spec['max_genres']}")
@@ -51,11 +60,26 @@ def check_spec(spec: dict) -> None:
         raise ValueError(f"{model} needs at least one hidden layer size in hidden")
 
 
-def build(spec: dict, item_genres: torch.Tensor | None = None) -> "RatingModel":
-    """The model a spec describes, freshly initialised (from the torch RNG)."""
+def build(spec: dict, item_genres: torch.Tensor | None = None,
+          item_history: tuple[torch.Tensor, ...] | None = None) -> "RatingModel":
+    """The model a spec describes, freshly initialised (from the torch RNG). `item_history` is what
+    `rating_history` returns for the training ratings; without it, load_state_dict fills it."""
     check_spec(spec)
     cls = {"mf": MF, "dmf": DMF, "neumf": NeuMF, "two_tower": TwoTower}[spec["model"]]
-    return cls(spec, item_genres)
+    return cls(spec, item_genres, item_history)
+
+
+def rating_history(users: torch.Tensor, items: torch.Tensor, ratings: torch.Tensor, n_items: int,
+                   global_mean: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(offsets [n_items + 1], raters, weights): item i's raters are raters[offsets[i]:offsets[i + 1]], in user
+    order, weighted by (r_ui - global mean) / sqrt(n_i). The same ratings in any order give the same tensors."""
+    users, items = users.long().cpu(), items.long().cpu()
+    order = torch.argsort(items * (int(users.max()) + 1 if len(users) else 1) + users)
+    users, items, ratings = users[order], items[order], ratings.float().cpu()[order]
+    counts = torch.bincount(items, minlength=n_items)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(counts, 0)])
+    weights = (ratings - global_mean) / counts[items].float().sqrt()
+    return offsets, users, weights
 
 
 def mlp(sizes: list[int], dropout: float, batch_norm: bool, last_activation: bool = True) -> nn.Sequential:
@@ -86,7 +110,7 @@ class RatingModel(nn.Module):
     on a grid: `_users(u)` and `_items(i)` return tuples, `_pair` gives [B] or [B, L], `_grid` [B, M] or
     [B, M, L] (L the number of rating levels, for the softmax head)."""
 
-    def __init__(self, spec: dict, item_genres: torch.Tensor | None):
+    def __init__(self, spec: dict, item_genres: torch.Tensor | None, item_history: tuple | None):
         super().__init__()
         self.softmax = spec["head"] == "softmax"
         self.register_buffer("levels", torch.tensor([float(x) for x in spec["rating_levels"]]))
@@ -108,12 +132,52 @@ class RatingModel(nn.Module):
                 self.genre_bag.weight[n_genres].zero_()
         elif item_genres is not None:
             raise ValueError("item_genres given, but the spec has n_genres = 0")
+        self.rater_bag = None
+        n_history = int(spec.get("item_history", 0))
+        if n_history:
+            if item_history is None:  # load_state_dict fills it
+                item_history = (torch.zeros(n_items + 1, dtype=torch.long), torch.zeros(n_history, dtype=torch.long),
+                                torch.zeros(n_history))
+            offsets, raters, weights = item_history
+            if offsets.shape != (n_items + 1,) or raters.shape != (n_history,) or weights.shape != (n_history,):
+                raise ValueError(f"item_history holds {len(raters)} ratings of {len(offsets) - 1} items, the spec "
+                                 f"says {n_history} of {n_items}")
+            self.register_buffer("history_offsets", offsets.clone())
+            self.register_buffer("history_raters", raters.clone())
+            self.register_buffer("history_weights", weights.clone())
+            # Zero at first: the model starts as the plain one and grows the history term as it helps.
+            self.rater_bag = nn.EmbeddingBag(int(spec["n_users"]), int(spec["item_dim"]), mode="sum")
+            nn.init.zeros_(self.rater_bag.weight)
+        elif item_history is not None:
+            raise ValueError("item_history given, but the spec has item_history = 0")
         self.user_bias = self.item_bias = None
 
-    def item_embedding_of(self, table: nn.Embedding, items: torch.Tensor) -> torch.Tensor:
-        """Rows of an item table, plus the mean of the items' genre embeddings when there are genres."""
+    def item_embedding_of(self, table: nn.Embedding, items: torch.Tensor, leave_out=None) -> torch.Tensor:
+        """Rows of an item table, plus the mean of the items' genre embeddings and their rating history when
+        the model has them. `leave_out` = (users, ratings) of the pairs being trained on: their own ratings
+        are taken out of their items' histories."""
         e = table(items)
-        return e if self.genre_bag is None else e + self.genre_bag(self.item_genres[items])
+        if self.genre_bag is not None:
+            e = e + self.genre_bag(self.item_genres[items])
+        if self.rater_bag is not None:
+            e = e + self.history_of(items, leave_out)
+        return e
+
+    def history_of(self, items: torch.Tensor, leave_out=None) -> torch.Tensor:
+        """Sum over each item's raters of weight x rater vector, computed once per distinct item."""
+        distinct, inverse = torch.unique(items, return_inverse=True)
+        starts = self.history_offsets[distinct]
+        lengths = self.history_offsets[distinct + 1] - starts
+        bag_starts = torch.cumsum(lengths, 0) - lengths
+        at = torch.repeat_interleave(starts - bag_starts, lengths) + torch.arange(int(lengths.sum()),
+                                                                                  device=items.device)
+        history = self.rater_bag(self.history_raters[at], bag_starts, per_sample_weights=self.history_weights[at])
+        history = history[inverse]
+        if leave_out is not None:
+            users, ratings = leave_out
+            own = (ratings.to(history.dtype) - self.global_mean) / lengths[inverse].to(history.dtype).sqrt()
+            history = history - own[:, None] * F.embedding(users, self.rater_bag.weight)
+        return history
 
     def biases(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """global mean + b_u + b_i, [B] for pairs; [B, M] when users is [B, 1] and items [1, M]."""
@@ -128,7 +192,7 @@ class RatingModel(nn.Module):
         return self._pair(self._users(users), self._items(items))
 
     def loss(self, users: torch.Tensor, items: torch.Tensor, ratings: torch.Tensor) -> torch.Tensor:
-        out = self(users, items)
+        out = self._pair(self._users(users), self._items(items, leave_out=(users, ratings)))
         if self.softmax:
             return F.cross_entropy(out, self.level_index(ratings))
         return F.mse_loss(out, ratings.to(out.dtype))
@@ -179,8 +243,8 @@ class RatingModel(nn.Module):
 class MF(RatingModel):
     """global mean + b_u + b_i + <p_u, q_i>."""
 
-    def __init__(self, spec, item_genres=None):
-        super().__init__(spec, item_genres)
+    def __init__(self, spec, item_genres=None, item_history=None):
+        super().__init__(spec, item_genres, item_history)
         dim = int(spec["user_dim"])
         # std 0.1 keeps the initial dot products near 0 while leaving Adam a gradient to grow them from.
         self.user_embedding = embedding(int(spec["n_users"]), dim)
@@ -190,8 +254,8 @@ class MF(RatingModel):
     def _users(self, users):
         return self.user_embedding(users), users
 
-    def _items(self, items):
-        return self.item_embedding_of(self.item_embedding, items), items
+    def _items(self, items, leave_out=None):
+        return self.item_embedding_of(self.item_embedding, items, leave_out), items
 
     def _pair(self, u, i):
         return self.biases(u[1], i[1]) + (u[0] * i[0]).sum(-1)
@@ -203,8 +267,8 @@ class MF(RatingModel):
 class DMF(RatingModel):
     """An MLP over [e_u, e_i]; regression predicts a residual around global mean + b_u + b_i."""
 
-    def __init__(self, spec, item_genres=None):
-        super().__init__(spec, item_genres)
+    def __init__(self, spec, item_genres=None, item_history=None):
+        super().__init__(spec, item_genres, item_history)
         n_users, n_items = int(spec["n_users"]), int(spec["n_items"])
         self.user_embedding = embedding(n_users, int(spec["user_dim"]))
         self.item_embedding = embedding(n_items, int(spec["item_dim"]))
@@ -218,8 +282,8 @@ class DMF(RatingModel):
     def _users(self, users):
         return self.user_embedding(users), users
 
-    def _items(self, items):
-        return self.item_embedding_of(self.item_embedding, items), items
+    def _items(self, items, leave_out=None):
+        return self.item_embedding_of(self.item_embedding, items, leave_out), items
 
     def _output(self, h, users, items):
         out = self.head(h)
@@ -249,8 +313,8 @@ class NeuMF(RatingModel):
     """He et al. (2017): GMF (e_u * e_i, own embeddings of item_dim) beside an MLP over [e_u, e_i],
     one output layer over both."""
 
-    def __init__(self, spec, item_genres=None):
-        super().__init__(spec, item_genres)
+    def __init__(self, spec, item_genres=None, item_history=None):
+        super().__init__(spec, item_genres, item_history)
         n_users, n_items = int(spec["n_users"]), int(spec["n_items"])
         user_dim, item_dim = int(spec["user_dim"]), int(spec["item_dim"])
         self.gmf_user = embedding(n_users, item_dim)
@@ -266,9 +330,9 @@ class NeuMF(RatingModel):
     def _users(self, users):
         return self.gmf_user(users), self.user_embedding(users), users
 
-    def _items(self, items):
-        return (self.item_embedding_of(self.gmf_item, items), self.item_embedding_of(self.item_embedding, items),
-                items)
+    def _items(self, items, leave_out=None):
+        return (self.item_embedding_of(self.gmf_item, items, leave_out),
+                self.item_embedding_of(self.item_embedding, items, leave_out), items)
 
     def _pair(self, u, i):
         out = self.head(torch.cat([u[0] * i[0], self.mlp(torch.cat([u[1], i[1]], dim=-1))], dim=-1))
@@ -298,8 +362,8 @@ class NeuMF(RatingModel):
 class TwoTower(RatingModel):
     """global mean + b_u + b_i + <user tower(e_u), item tower(e_i)>; the towers end without activation."""
 
-    def __init__(self, spec, item_genres=None):
-        super().__init__(spec, item_genres)
+    def __init__(self, spec, item_genres=None, item_history=None):
+        super().__init__(spec, item_genres, item_history)
         n_users, n_items = int(spec["n_users"]), int(spec["n_items"])
         user_dim, item_dim = int(spec["user_dim"]), int(spec["item_dim"])
         hidden, dropout, bn = [int(h) for h in spec["hidden"]], float(spec["dropout"]), bool(spec["batch_norm"])
@@ -312,8 +376,8 @@ class TwoTower(RatingModel):
     def _users(self, users):
         return self.user_tower(self.user_embedding(users)), users
 
-    def _items(self, items):
-        return self.item_tower(self.item_embedding_of(self.item_embedding, items)), items
+    def _items(self, items, leave_out=None):
+        return self.item_tower(self.item_embedding_of(self.item_embedding, items, leave_out)), items
 
     def _pair(self, u, i):
         return self.biases(u[1], i[1]) + (u[0] * i[0]).sum(-1)

@@ -22,7 +22,8 @@ def model_spec(t: TrainConfig, data: dict) -> dict:
             "user_dim": t.user_dim, "item_dim": t.item_dim, "hidden": list(t.hidden), "dropout": t.dropout,
             "batch_norm": t.batch_norm, "head": t.head, "rating_levels": data["rating_levels"],
             "global_mean": data["global_mean"], "n_genres": len(data["genres"]) if t.genres else 0,
-            "max_genres": max(1, data["max_genres"]) if t.genres else 0}
+            "max_genres": max(1, data["max_genres"]) if t.genres else 0,
+            "item_history": data["counts"]["train"] if t.item_history else 0}
 
 
 def item_genres(items: pd.DataFrame, spec: dict) -> np.ndarray | None:

@@ -131,7 +131,11 @@ def rank_main(job: dict) -> dict:
     train = to_tensors(read_shard(job["train_url"], rank, size), device)
     valid = to_tensors(read_shard(job["valid_url"], rank, size), device)
     genres = torch.as_tensor(job["item_genres"], dtype=torch.long) if job["item_genres"] is not None else None
-    model = models.build(job["spec"], genres).to(device)
+    history = None
+    if job["spec"].get("item_history"):  # every rank needs every item's ratings, not only its shard's
+        history = models.rating_history(*(hvd.allgather(column, name=f"history.{n}") for n, column in enumerate(train)),
+                                        job["spec"]["n_items"], job["spec"]["global_mean"])
+    model = models.build(job["spec"], genres, history).to(device)
     for table in embedding_tables(model):
         # Sparse gradients hold only the rows a batch touched; Horovod allgathers them instead of
         # allreducing whole tables, and the optimizer updates only those rows.
@@ -184,6 +188,8 @@ def rank_main(job: dict) -> dict:
             loss = model.loss(u, i, r)
             if t["l2"] > 0 or bias_l2 > 0:
                 loss = loss + model.regularizer(u, i, t["l2"], bias_l2)
+            if model.rater_bag is not None and t["history_l2"] > 0:
+                loss = loss + t["history_l2"] / steps * model.rater_bag.weight.pow(2).sum()
             loss.backward()
             optimizer.step()
             loss_sum += loss.detach()

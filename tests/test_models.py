@@ -35,11 +35,23 @@ def genre_matrix() -> torch.Tensor:
     return matrix
 
 
-def random_model(s: dict, genres=None) -> models.RatingModel:
+def ratings_sample(n=60, seed=4):
+    """Distinct (user, item) pairs with whole-star ratings; item 16 is left without ratings."""
+    g = torch.Generator().manual_seed(seed)
+    pairs = torch.randperm(N_USERS * (N_ITEMS - 1), generator=g)[:n]
+    return pairs // (N_ITEMS - 1), pairs % (N_ITEMS - 1), torch.randint(1, 6, (n,), generator=g).float()
+
+
+def history(users=None, items=None, ratings=None):
+    users, items, ratings = (users, items, ratings) if users is not None else ratings_sample()
+    return models.rating_history(users, items, ratings, N_ITEMS, 3.4)
+
+
+def random_model(s: dict, genres=None, item_history=None) -> models.RatingModel:
     """A built model with every parameter moved off its initial value (biases start at zero) and batch norm
     statistics collected from training-mode passes, returned in eval mode."""
     torch.manual_seed(0)
-    model = models.build(s, genres)
+    model = models.build(s, genres, item_history)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.3 * torch.randn_like(p))
@@ -101,9 +113,10 @@ def test_genre_matrix_shape_is_checked():
 
 @pytest.mark.parametrize("model,head,batch_norm", [(m, h, bn) for m, h in VALID for bn in (False, True)
                                                      if not (m == "mf" and bn)])  # mf has no MLP
-@pytest.mark.parametrize("genres", [False, True])
-def test_score_all_equals_predict_on_the_grid(model, head, batch_norm, genres):
-    m = random_model(spec(model, head, genres, batch_norm=batch_norm), genre_matrix() if genres else None)
+@pytest.mark.parametrize("genres,with_history", [(False, False), (True, False), (True, True)])
+def test_score_all_equals_predict_on_the_grid(model, head, batch_norm, genres, with_history):
+    m = random_model(spec(model, head, genres, batch_norm=batch_norm, item_history=60 if with_history else 0),
+                     genre_matrix() if genres else None, history() if with_history else None)
     users = torch.tensor([4, 0, 12, 4, 7])
     items = torch.randperm(N_ITEMS, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -117,11 +130,11 @@ def test_score_all_equals_predict_on_the_grid(model, head, batch_norm, genres):
 
 def test_state_dict_round_trip(tmp_path):
     for model, head in VALID:
-        s = spec(model, head, genres=True, batch_norm=True)
-        trained = random_model(s, genre_matrix())
+        s = spec(model, head, genres=True, batch_norm=True, item_history=60)
+        trained = random_model(s, genre_matrix(), history())
         torch.save(trained.state_dict(), tmp_path / "model.pt")
         torch.manual_seed(99)  # a different init, which the load must overwrite
-        fresh = models.build(s)  # no genre matrix: the state_dict brings it
+        fresh = models.build(s)  # no genre matrix nor history: the state_dict brings them
         fresh.load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True))
         fresh.eval()
         users, items = grid(torch.arange(N_USERS), torch.arange(N_ITEMS))
@@ -243,3 +256,50 @@ def test_dmf_learns_the_planted_structure():
     rmse, baseline = held_out_rmse(spec("dmf", user_dim=8, item_dim=8, hidden=[32, 16], dropout=0.0),
                                    steps=300, lr=0.01, l2=0.001)
     assert rmse < 0.3, (rmse, baseline)
+
+
+def test_rating_history_is_weighted_and_independent_of_row_order():
+    users, items, ratings = ratings_sample()
+    offsets, raters, weights = history(users, items, ratings)
+    order = torch.randperm(len(users), generator=torch.Generator().manual_seed(8))
+    again = history(users[order], items[order], ratings[order])
+    assert all(torch.equal(a, b) for a, b in zip((offsets, raters, weights), again))
+    assert offsets[-1] == len(users) and offsets[16] == offsets[17]  # item 16 has no ratings
+    for item in (0, 5):
+        mine = items == item
+        span = slice(int(offsets[item]), int(offsets[item + 1]))
+        assert raters[span].tolist() == sorted(users[mine].tolist())
+        by_user = dict(zip(users[mine].tolist(), ((ratings[mine] - 3.4) / mine.sum().sqrt()).tolist()))
+        assert weights[span].tolist() == pytest.approx([by_user[u] for u in raters[span].tolist()])
+
+
+def test_item_history_adds_the_weighted_raters_and_training_leaves_the_own_rating_out():
+    users, items, ratings = ratings_sample()
+    m = random_model(spec("mf", item_history=60), item_history=history(users, items, ratings))
+    w = m.rater_bag.weight
+    item = int(items[0])
+    mine = items == item
+    expected = ((ratings[mine] - 3.4)[:, None] * w[users[mine]]).sum(0) / mine.sum().sqrt()
+    assert torch.allclose(m.item_vectors()[item], m.item_embedding.weight[item] + expected, atol=1e-5)
+    assert torch.allclose(m.item_vectors()[16], m.item_embedding.weight[16])  # no ratings, no history
+    # Training on pair k sees item k's history without rating k (the other weights unchanged), which is
+    # what prediction sees for a pair that is not among the training ratings.
+    k = slice(0, 1)
+    offsets, raters, weights = history(users, items, ratings)
+    at = int(offsets[item]) + int((raters[offsets[item]:offsets[item + 1]] < users[0]).sum())
+    keep = torch.arange(len(raters)) != at
+    without = (offsets - (torch.arange(N_ITEMS + 1) > item).long(), raters[keep], weights[keep])
+    blind = models.build(spec("mf", item_history=59), item_history=without)
+    blind.load_state_dict({**m.state_dict(), "history_offsets": without[0], "history_raters": without[1],
+                           "history_weights": without[2]}, strict=True)
+    with torch.no_grad():
+        assert m.loss(users[k], items[k], ratings[k]) == pytest.approx(
+            float((blind(users[k], items[k]) - ratings[k]).pow(2).mean()), abs=1e-5)
+        assert (m(users[k], items[k]) - blind(users[k], items[k])).abs().item() > 1e-3
+
+
+def test_item_history_of_the_wrong_size_is_refused():
+    with pytest.raises(ValueError, match="item_history holds 60 ratings of 17 items, the spec says 61"):
+        models.build(spec("mf", item_history=61), item_history=history())
+    with pytest.raises(ValueError, match="item_history must be >= 0"):
+        models.check_spec(spec("mf", item_history=-1))
