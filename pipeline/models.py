@@ -5,11 +5,11 @@ state_dict.
 
 Item side features, for every model: genres (the mean of the item's genre embeddings) and the item's
 rating history (`spec["item_history"]`: the number of training ratings it holds, 0 for none). The history
-adds sum over the users u who rated item i of (r_ui - global mean) / sqrt(n_i) * w_u to the item's vector,
-w a learned "rater" table: the item side of Koren's asymmetric factor model, and the linear encoder of
-I-AutoRec. Training leaves the rating being predicted out of its item's sum, so that the model learns what
-it will see at prediction time, when the rating to predict is not among the training ratings. Each model computes a rating two ways: `forward` on (user, item) pairs, and `score_all` on
-a users x items grid without building per-pair embeddings. The two must agree, and the tests check it.
+adds to item i's vector the sum over the users u who rated it of a learned vector for (u, the level u gave),
+divided by sqrt(n_i): GC-MC's per-rating-level encoder, the item side of an asymmetric factor model. So an
+item is also described by who rated it and how. Training leaves the rating being predicted out of its
+item's sum, so that the model learns what it will see at prediction time, when the rating to predict is not
+among the training ratings.
 """
 from __future__ import annotations
 
@@ -69,17 +69,21 @@ def build(spec: dict, item_genres: torch.Tensor | None = None,
     return cls(spec, item_genres, item_history)
 
 
+def level_index(ratings: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest rating level (a tie goes to the lower level)."""
+    midpoints = (levels[1:] + levels[:-1]) / 2
+    return torch.bucketize(ratings.to(levels.dtype), midpoints)
+
+
 def rating_history(users: torch.Tensor, items: torch.Tensor, ratings: torch.Tensor, n_items: int,
-                   global_mean: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(offsets [n_items + 1], raters, weights): item i's raters are raters[offsets[i]:offsets[i + 1]], in user
-    order, weighted by (r_ui - global mean) / sqrt(n_i). The same ratings in any order give the same tensors."""
+                   levels: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(offsets [n_items + 1], raters): item i's raters are raters[offsets[i]:offsets[i + 1]], in user order,
+    each user u who gave level l written as u * len(levels) + l. The same ratings in any order give the same."""
     users, items = users.long().cpu(), items.long().cpu()
-    order = torch.argsort(items * (int(users.max()) + 1 if len(users) else 1) + users)
-    users, items, ratings = users[order], items[order], ratings.float().cpu()[order]
-    counts = torch.bincount(items, minlength=n_items)
-    offsets = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(counts, 0)])
-    weights = (ratings - global_mean) / counts[items].float().sqrt()
-    return offsets, users, weights
+    raters = users * len(levels) + level_index(ratings.cpu(), torch.tensor([float(x) for x in levels]))
+    order = torch.argsort(items * (int(raters.max()) + 1 if len(raters) else 1) + raters)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(torch.bincount(items, minlength=n_items), 0)])
+    return offsets, raters[order]
 
 
 def mlp(sizes: list[int], dropout: float, batch_norm: bool, last_activation: bool = True) -> nn.Sequential:
@@ -136,17 +140,16 @@ class RatingModel(nn.Module):
         n_history = int(spec.get("item_history", 0))
         if n_history:
             if item_history is None:  # load_state_dict fills it
-                item_history = (torch.zeros(n_items + 1, dtype=torch.long), torch.zeros(n_history, dtype=torch.long),
-                                torch.zeros(n_history))
-            offsets, raters, weights = item_history
-            if offsets.shape != (n_items + 1,) or raters.shape != (n_history,) or weights.shape != (n_history,):
+                item_history = (torch.zeros(n_items + 1, dtype=torch.long), torch.zeros(n_history, dtype=torch.long))
+            offsets, raters = item_history
+            if offsets.shape != (n_items + 1,) or raters.shape != (n_history,):
                 raise ValueError(f"item_history holds {len(raters)} ratings of {len(offsets) - 1} items, the spec "
                                  f"says {n_history} of {n_items}")
             self.register_buffer("history_offsets", offsets.clone())
             self.register_buffer("history_raters", raters.clone())
-            self.register_buffer("history_weights", weights.clone())
             # Zero at first: the model starts as the plain one and grows the history term as it helps.
-            self.rater_bag = nn.EmbeddingBag(int(spec["n_users"]), int(spec["item_dim"]), mode="sum")
+            self.rater_bag = nn.EmbeddingBag(int(spec["n_users"]) * len(self.levels), int(spec["item_dim"]),
+                                             mode="sum")
             nn.init.zeros_(self.rater_bag.weight)
         elif item_history is not None:
             raise ValueError("item_history given, but the spec has item_history = 0")
@@ -164,20 +167,18 @@ class RatingModel(nn.Module):
         return e
 
     def history_of(self, items: torch.Tensor, leave_out=None) -> torch.Tensor:
-        """Sum over each item's raters of weight x rater vector, computed once per distinct item."""
+        """The items' rater vectors summed and divided by sqrt(n_i), computed once per distinct item."""
         distinct, inverse = torch.unique(items, return_inverse=True)
         starts = self.history_offsets[distinct]
         lengths = self.history_offsets[distinct + 1] - starts
         bag_starts = torch.cumsum(lengths, 0) - lengths
         at = torch.repeat_interleave(starts - bag_starts, lengths) + torch.arange(int(lengths.sum()),
                                                                                   device=items.device)
-        history = self.rater_bag(self.history_raters[at], bag_starts, per_sample_weights=self.history_weights[at])
-        history = history[inverse]
+        history = self.rater_bag(self.history_raters[at], bag_starts)[inverse]
         if leave_out is not None:
             users, ratings = leave_out
-            own = (ratings.to(history.dtype) - self.global_mean) / lengths[inverse].to(history.dtype).sqrt()
-            history = history - own[:, None] * F.embedding(users, self.rater_bag.weight)
-        return history
+            history = history - F.embedding(users * len(self.levels) + self.level_index(ratings), self.rater_bag.weight)
+        return history / lengths[inverse].clamp(min=1).to(history.dtype).sqrt()[:, None]
 
     def biases(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """global mean + b_u + b_i, [B] for pairs; [B, M] when users is [B, 1] and items [1, M]."""
@@ -198,9 +199,7 @@ class RatingModel(nn.Module):
         return F.mse_loss(out, ratings.to(out.dtype))
 
     def level_index(self, ratings: torch.Tensor) -> torch.Tensor:
-        """Index of the nearest rating level (a tie goes to the lower level)."""
-        midpoints = (self.levels[1:] + self.levels[:-1]) / 2
-        return torch.bucketize(ratings.to(self.levels.dtype), midpoints)
+        return level_index(ratings, self.levels)
 
     def expected(self, out: torch.Tensor) -> torch.Tensor:
         """Model output -> expected rating, unclipped: the score to rank by, since clipping ties the top."""

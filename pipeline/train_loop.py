@@ -134,7 +134,7 @@ def rank_main(job: dict) -> dict:
     history = None
     if job["spec"].get("item_history"):  # every rank needs every item's ratings, not only its shard's
         history = models.rating_history(*(hvd.allgather(column, name=f"history.{n}") for n, column in enumerate(train)),
-                                        job["spec"]["n_items"], job["spec"]["global_mean"])
+                                        job["spec"]["n_items"], job["spec"]["rating_levels"])
     model = models.build(job["spec"], genres, history).to(device)
     for table in embedding_tables(model):
         # Sparse gradients hold only the rows a batch touched; Horovod allgathers them instead of

@@ -44,7 +44,7 @@ def ratings_sample(n=60, seed=4):
 
 def history(users=None, items=None, ratings=None):
     users, items, ratings = (users, items, ratings) if users is not None else ratings_sample()
-    return models.rating_history(users, items, ratings, N_ITEMS, 3.4)
+    return models.rating_history(users, items, ratings, N_ITEMS, [1.0, 2.0, 3.0, 4.0, 5.0])
 
 
 def random_model(s: dict, genres=None, item_history=None) -> models.RatingModel:
@@ -258,44 +258,36 @@ def test_dmf_learns_the_planted_structure():
     assert rmse < 0.3, (rmse, baseline)
 
 
-def test_rating_history_is_weighted_and_independent_of_row_order():
+def test_rating_history_lists_each_items_raters_by_level_independent_of_row_order():
     users, items, ratings = ratings_sample()
-    offsets, raters, weights = history(users, items, ratings)
+    offsets, raters = history(users, items, ratings)
     order = torch.randperm(len(users), generator=torch.Generator().manual_seed(8))
     again = history(users[order], items[order], ratings[order])
-    assert all(torch.equal(a, b) for a, b in zip((offsets, raters, weights), again))
+    assert torch.equal(offsets, again[0]) and torch.equal(raters, again[1])
     assert offsets[-1] == len(users) and offsets[16] == offsets[17]  # item 16 has no ratings
     for item in (0, 5):
         mine = items == item
-        span = slice(int(offsets[item]), int(offsets[item + 1]))
-        assert raters[span].tolist() == sorted(users[mine].tolist())
-        by_user = dict(zip(users[mine].tolist(), ((ratings[mine] - 3.4) / mine.sum().sqrt()).tolist()))
-        assert weights[span].tolist() == pytest.approx([by_user[u] for u in raters[span].tolist()])
+        expected = sorted((users[mine] * 5 + ratings[mine].long() - 1).tolist())  # levels 1..5 -> 0..4
+        assert raters[offsets[item]:offsets[item + 1]].tolist() == expected
 
 
-def test_item_history_adds_the_weighted_raters_and_training_leaves_the_own_rating_out():
+def test_item_history_adds_the_raters_and_training_leaves_the_own_rating_out():
     users, items, ratings = ratings_sample()
     m = random_model(spec("mf", item_history=60), item_history=history(users, items, ratings))
     w = m.rater_bag.weight
     item = int(items[0])
     mine = items == item
-    expected = ((ratings[mine] - 3.4)[:, None] * w[users[mine]]).sum(0) / mine.sum().sqrt()
+    expected = w[users[mine] * 5 + ratings[mine].long() - 1].sum(0) / mine.sum().sqrt()
     assert torch.allclose(m.item_vectors()[item], m.item_embedding.weight[item] + expected, atol=1e-5)
     assert torch.allclose(m.item_vectors()[16], m.item_embedding.weight[16])  # no ratings, no history
-    # Training on pair k sees item k's history without rating k (the other weights unchanged), which is
+    # Training on pair k sees item k's history without rating k (divided by the same sqrt(n_i)), which is
     # what prediction sees for a pair that is not among the training ratings.
     k = slice(0, 1)
-    offsets, raters, weights = history(users, items, ratings)
-    at = int(offsets[item]) + int((raters[offsets[item]:offsets[item + 1]] < users[0]).sum())
-    keep = torch.arange(len(raters)) != at
-    without = (offsets - (torch.arange(N_ITEMS + 1) > item).long(), raters[keep], weights[keep])
-    blind = models.build(spec("mf", item_history=59), item_history=without)
-    blind.load_state_dict({**m.state_dict(), "history_offsets": without[0], "history_raters": without[1],
-                           "history_weights": without[2]}, strict=True)
+    own = w[users[0] * 5 + ratings[0].long() - 1] / mine.sum().sqrt()
     with torch.no_grad():
-        assert m.loss(users[k], items[k], ratings[k]) == pytest.approx(
-            float((blind(users[k], items[k]) - ratings[k]).pow(2).mean()), abs=1e-5)
-        assert (m(users[k], items[k]) - blind(users[k], items[k])).abs().item() > 1e-3
+        blind = float(m(users[k], items[k])) - float(m.user_embedding.weight[users[0]] @ own)
+        assert m.loss(users[k], items[k], ratings[k]) == pytest.approx((blind - float(ratings[0])) ** 2, abs=1e-5)
+        assert abs(float(m(users[k], items[k])) - blind) > 1e-3
 
 
 def test_item_history_of_the_wrong_size_is_refused():
