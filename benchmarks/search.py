@@ -42,7 +42,7 @@ def run_one(conf: str, base: list[str], setting: dict, data_dir: str, data: dict
     if t.scale_lr:
         t.lr, t.scale_lr = t.lr * t.num_proc, False
     t.batch_size, t.num_proc = t.batch_size * t.num_proc, 1
-    spec = train.model_spec(t, data)
+    spec = train.model_spec(t, data, data_dir)
     with tempfile.TemporaryDirectory() as work:
         job = train.make_job(cfg, data_dir, data, spec, work, resume=False)
         job["progress"] = False

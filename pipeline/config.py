@@ -73,6 +73,7 @@ class TrainConfig:
     genres: bool = False  # item genres as side features
     item_history: bool = False  # each item's training ratings as a side feature (see pipeline.models)
     history_l2: float = 0.05  # L2 on the rater vectors of the item history, per epoch
+    history_size: int = 256  # raters an item's history keeps at most (a seeded sample); 0: all of them
     l2: float = 0.05  # on the embedding rows that appear in a batch
     bias_l2: float | None = None  # on the user and item biases in a batch; None: the same as l2
     weight_decay: float = 0.0  # on the dense (MLP) weights
@@ -142,7 +143,8 @@ class Config:
             (not (self.train.sparse_gradients and self.train.item_history),
              "train.item_history touches the rater vector of nearly every user at every step: it needs the dense "
              "allreduce, not train.sparse_gradients"),
-            (self.train.history_l2 >= 0, "train.history_l2 must not be negative"),
+            (self.train.history_l2 >= 0 and self.train.history_size >= 0,
+             "train.history_l2 and train.history_size must not be negative"),
             (self.train.user_dim > 0 and self.train.item_dim > 0, "train.user_dim and train.item_dim must be positive"),
             (all(isinstance(h, int) and h > 0 for h in self.train.hidden), "train.hidden must be a list of positive sizes"),
             (self.train.model != "mf" or self.train.user_dim == self.train.item_dim,

@@ -15,7 +15,7 @@ from pyspark.sql import functions as F
 
 from pipeline import metrics, storage
 from pipeline.config import Config
-from pipeline.recommend import model_and_data, predict_pairs, seen_items, top_n
+from pipeline.recommend import model_and_data, predict_pairs, seen_items, spark_table, top_n
 from pipeline.train import load_model, read_table
 
 log = logging.getLogger(__name__)
@@ -26,7 +26,7 @@ def evaluate(spark: SparkSession, cfg: Config, model_dir: str, data_dir: str | N
     started = time.time()
     data_dir, data = model_and_data(model_dir, data_dir)
     levels = np.asarray(data["rating_levels"], dtype=np.float64)
-    valid = spark.read.parquet(f"{data_dir.rstrip('/')}/{data['paths']['valid']}")
+    valid = spark_table(spark, data_dir, data, "valid")
     # Read twice (error sums, plot sample): persisted so the model scores the validation set once.
     scored = predict_pairs(spark, model_dir, valid.select("user_idx", "item_idx", "rating")).persist()
 

@@ -5,8 +5,8 @@ state_dict.
 
 Item side features, for every model: genres (the mean of the item's genre embeddings) and the item's
 rating history (`spec["item_history"]`: the number of training ratings it holds, 0 for none). The history
-adds to item i's vector the sum over the users u who rated it of a learned vector for (u, the level u gave),
-divided by sqrt(n_i): GC-MC's per-rating-level encoder, the item side of an asymmetric factor model. So an
+adds to item i's vector the sum over the users u who rated it (up to a seeded sample of train.history_size)
+of a learned vector for (u, the level u gave), divided by the square root of their number: GC-MC's per-rating-level encoder, the item side of an asymmetric factor model. So an
 item is also described by who rated it and how. Training leaves the rating being predicted out of its
 item's sum, so that the model learns what it will see at prediction time, when the rating to predict is not
 among the training ratings.
@@ -75,15 +75,35 @@ def level_index(ratings: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
     return torch.bucketize(ratings.to(levels.dtype), midpoints)
 
 
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    """An integer hash to 31 bits (the xor-shift-multiply rounds of a finalizer), in int64 without overflow."""
+    x = x & 0x7FFFFFFF
+    x = ((x ^ (x >> 15)) * 0x2C1B3C6D) & 0x7FFFFFFF
+    x = ((x ^ (x >> 12)) * 0x297A2D39) & 0x7FFFFFFF
+    return x ^ (x >> 15)
+
+
 def rating_history(users: torch.Tensor, items: torch.Tensor, ratings: torch.Tensor, n_items: int,
-                   levels: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(offsets [n_items + 1], raters): item i's raters are raters[offsets[i]:offsets[i + 1]], in user order,
-    each user u who gave level l written as u * len(levels) + l. The same ratings in any order give the same."""
+                   levels: list[float], limit: int = 0, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(offsets [n_items + 1], raters, kept): item i's raters are raters[offsets[i]:offsets[i + 1]], each user
+    u who gave level l written as u * len(levels) + l; kept[row] tells whether input row `row` is among them.
+    With `limit` > 0 an item keeps at most that many raters, a sample drawn by a seeded hash of (user, item):
+    the same ratings in any order, on any number of ranks, give the same history."""
     users, items = users.long().cpu(), items.long().cpu()
     raters = users * len(levels) + level_index(ratings.cpu(), torch.tensor([float(x) for x in levels]))
-    order = torch.argsort(items * (int(raters.max()) + 1 if len(raters) else 1) + raters)
-    offsets = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(torch.bincount(items, minlength=n_items), 0)])
-    return offsets, raters[order]
+    draw = _mix(_mix(items + _mix(torch.tensor(seed))) + users)
+    order = torch.arange(len(items))
+    for key in (raters, draw, items):  # by item, then draw, then rater: a stable sort per key, last key first
+        order = order[torch.argsort(key[order], stable=True)]
+    counts = torch.bincount(items, minlength=n_items)
+    starts = torch.cumsum(counts, 0) - counts
+    place = torch.empty_like(order)
+    place[order] = torch.arange(len(order))
+    kept = (place - starts[items] < limit) if limit > 0 else torch.ones(len(items), dtype=torch.bool)
+    kept_counts = counts.clamp(max=limit) if limit > 0 else counts
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(kept_counts, 0)])
+    chosen = order[kept[order]]
+    return offsets, raters[chosen], kept
 
 
 def mlp(sizes: list[int], dropout: float, batch_norm: bool, last_activation: bool = True) -> nn.Sequential:
@@ -157,8 +177,8 @@ class RatingModel(nn.Module):
 
     def item_embedding_of(self, table: nn.Embedding, items: torch.Tensor, leave_out=None) -> torch.Tensor:
         """Rows of an item table, plus the mean of the items' genre embeddings and their rating history when
-        the model has them. `leave_out` = (users, ratings) of the pairs being trained on: their own ratings
-        are taken out of their items' histories."""
+        the model has them. `leave_out` = (users, ratings, in_history) of the pairs being trained on: their
+        own ratings, where their items' histories hold them, are taken out."""
         e = table(items)
         if self.genre_bag is not None:
             e = e + self.genre_bag(self.item_genres[items])
@@ -176,8 +196,9 @@ class RatingModel(nn.Module):
                                                                                   device=items.device)
         history = self.rater_bag(self.history_raters[at], bag_starts)[inverse]
         if leave_out is not None:
-            users, ratings = leave_out
-            history = history - F.embedding(users * len(self.levels) + self.level_index(ratings), self.rater_bag.weight)
+            users, ratings, in_history = leave_out
+            own = F.embedding(users * len(self.levels) + self.level_index(ratings), self.rater_bag.weight)
+            history = history - own * in_history[:, None].to(own.dtype)
         return history / lengths[inverse].clamp(min=1).to(history.dtype).sqrt()[:, None]
 
     def biases(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
@@ -192,8 +213,13 @@ class RatingModel(nn.Module):
         """Unclipped ratings [B] (regression) or logits over the rating levels [B, L] (softmax)."""
         return self._pair(self._users(users), self._items(items))
 
-    def loss(self, users: torch.Tensor, items: torch.Tensor, ratings: torch.Tensor) -> torch.Tensor:
-        out = self._pair(self._users(users), self._items(items, leave_out=(users, ratings)))
+    def loss(self, users: torch.Tensor, items: torch.Tensor, ratings: torch.Tensor,
+             in_history: torch.Tensor | None = None) -> torch.Tensor:
+        """Training loss on (user, item, rating) triples; `in_history` tells which of them the item history
+        holds (by default all, as when every training rating is in it)."""
+        if in_history is None:
+            in_history = torch.ones_like(users, dtype=torch.bool)
+        out = self._pair(self._users(users), self._items(items, leave_out=(users, ratings, in_history)))
         if self.softmax:
             return F.cross_entropy(out, self.level_index(ratings))
         return F.mse_loss(out, ratings.to(out.dtype))

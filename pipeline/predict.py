@@ -8,7 +8,7 @@ from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
 from pipeline import storage
-from pipeline.recommend import model_and_data, predict_pairs
+from pipeline.recommend import model_and_data, predict_pairs, spark_table
 from pipeline.storage import StageError
 from pipeline.train import load_model, read_table
 
@@ -41,8 +41,8 @@ def predict(spark: SparkSession, model_dir: str, pairs_path: str, out: str, data
     """
     data_dir, data = model_and_data(model_dir, data_dir)
     df, cols = read_pairs(spark, pairs_path)
-    users = spark.createDataFrame(read_table(data_dir, data, "users")[["user_id", "user_idx"]])
-    items = spark.createDataFrame(read_table(data_dir, data, "items")[["item_id", "item_idx"]])
+    users = spark_table(spark, data_dir, data, "users").select("user_id", "user_idx")
+    items = spark_table(spark, data_dir, data, "items").select("item_id", "item_idx")
     checks = [F.when(~F.coalesce(F.trim(F.col(source).cast("string")), F.lit("")).rlike(r"^[0-9]{1,18}$"),
                      F.lit(f"{source} is not an id")) for source in cols.values()]
     typed = (df.withColumn("_row", F.monotonically_increasing_id()).withColumn("problem", F.coalesce(*checks))

@@ -27,7 +27,7 @@ from pyspark.sql.types import FloatType
 from pipeline import storage
 from pipeline.config import Config
 from pipeline.storage import StageError
-from pipeline.train import load_model, read_table
+from pipeline.train import load_model
 
 log = logging.getLogger(__name__)
 TOP_SCHEMA = "user_idx int, rank int, item_idx int, score float"
@@ -35,10 +35,14 @@ RETRIEVAL_MODELS = ("mf", "two_tower")
 RECALL_USERS = 1000  # users whose two-stage top-N is compared with exact scoring
 
 
+def spark_table(spark: SparkSession, data_dir: str, data: dict, name: str) -> DataFrame:
+    """One table of a prepared data set (train, valid, users, items) as a Spark DataFrame."""
+    return spark.read.parquet(f"{data_dir.rstrip('/')}/{data['paths'][name]}")
+
+
 def seen_items(spark: SparkSession, data_dir: str, data: dict, splits: tuple[str, ...]) -> DataFrame:
     """user_idx -> the item_idx list each user rated in the given splits."""
-    rows = [spark.read.parquet(f"{data_dir.rstrip('/')}/{data['paths'][s]}").select("user_idx", "item_idx")
-            for s in splits]
+    rows = [spark_table(spark, data_dir, data, s).select("user_idx", "item_idx") for s in splits]
     union = rows[0]
     for other in rows[1:]:
         union = union.unionByName(other)
@@ -244,8 +248,8 @@ def recommend(spark: SparkSession, cfg: Config, model_dir: str, data_dir: str | 
     data_dir, data = model_and_data(model_dir, data_dir)
     retrieval = retrieval_model(cfg, model_dir, data_dir, retrieval_model_dir)
     n, block, candidates = cfg.recommend.top_n, cfg.recommend.users_per_block, cfg.recommend.candidates
-    users = spark.createDataFrame(read_table(data_dir, data, "users")[["user_idx", "user_id"]])
-    items = spark.createDataFrame(read_table(data_dir, data, "items")[["item_idx", "item_id", "title"]])
+    users = spark_table(spark, data_dir, data, "users").select("user_idx", "user_id")
+    items = spark_table(spark, data_dir, data, "items").select("item_idx", "item_id", "title")
     seen = seen_items(spark, data_dir, data, ("train", "valid"))
     todo = users.select("user_idx").join(seen, "user_idx", "left")
 

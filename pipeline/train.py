@@ -17,13 +17,22 @@ from pipeline.train_loop import load, rank_main, save
 log = logging.getLogger(__name__)
 
 
-def model_spec(t: TrainConfig, data: dict) -> dict:
+def model_spec(t: TrainConfig, data: dict, data_dir: str) -> dict:
     return {"model": t.model, "n_users": data["counts"]["users"], "n_items": data["counts"]["items"],
             "user_dim": t.user_dim, "item_dim": t.item_dim, "hidden": list(t.hidden), "dropout": t.dropout,
             "batch_norm": t.batch_norm, "head": t.head, "rating_levels": data["rating_levels"],
             "global_mean": data["global_mean"], "n_genres": len(data["genres"]) if t.genres else 0,
             "max_genres": max(1, data["max_genres"]) if t.genres else 0,
-            "item_history": data["counts"]["train"] if t.item_history else 0}
+            "item_history": history_length(t, data, data_dir)}
+
+
+def history_length(t: TrainConfig, data: dict, data_dir: str) -> int:
+    """Training ratings the item history holds: each item's, up to train.history_size (0 without history)."""
+    if not t.item_history:
+        return 0
+    if not t.history_size:
+        return data["counts"]["train"]
+    return int(np.minimum(read_table(data_dir, data, "items").train_count.to_numpy(), t.history_size).sum())
 
 
 def item_genres(items: pd.DataFrame, spec: dict) -> np.ndarray | None:
@@ -45,7 +54,7 @@ def read_table(data_dir: str, data: dict, name: str) -> pd.DataFrame:
 def check(spark: SparkSession, cfg: Config, data_dir: str) -> tuple[dict, dict]:
     """The data manifest and model spec, or a clear error before any rank starts."""
     data = storage.read_manifest(data_dir, "prepare")
-    spec = model_spec(cfg.train, data)
+    spec = model_spec(cfg.train, data, data_dir)
     try:
         models.check_spec(spec)
     except ValueError as e:

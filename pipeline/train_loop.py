@@ -131,10 +131,14 @@ def rank_main(job: dict) -> dict:
     train = to_tensors(read_shard(job["train_url"], rank, size), device)
     valid = to_tensors(read_shard(job["valid_url"], rank, size), device)
     genres = torch.as_tensor(job["item_genres"], dtype=torch.long) if job["item_genres"] is not None else None
-    history = None
+    history, in_history = None, torch.ones(len(train[0]), dtype=torch.bool, device=device)
     if job["spec"].get("item_history"):  # every rank needs every item's ratings, not only its shard's
-        history = models.rating_history(*(hvd.allgather(column, name=f"history.{n}") for n, column in enumerate(train)),
-                                        job["spec"]["n_items"], job["spec"]["rating_levels"])
+        gathered = [hvd.allgather(column, name=f"history.{n}") for n, column in enumerate(train)]
+        *history, kept = models.rating_history(*gathered, job["spec"]["n_items"], job["spec"]["rating_levels"],
+                                               t["history_size"], t["seed"])
+        sizes = hvd.allgather(torch.tensor([len(train[0])]), name="history.sizes")
+        mine = int(sizes[:rank].sum())  # allgather concatenates in rank order
+        in_history = kept[mine:mine + len(train[0])].to(device)
     model = models.build(job["spec"], genres, history).to(device)
     for table in embedding_tables(model):
         # Sparse gradients hold only the rows a batch touched; Horovod allgathers them instead of
@@ -185,7 +189,7 @@ def rank_main(job: dict) -> dict:
             idx = order[step * batch:(step + 1) * batch]
             u, i, r = train[0][idx], train[1][idx], train[2][idx]
             optimizer.zero_grad()
-            loss = model.loss(u, i, r)
+            loss = model.loss(u, i, r, in_history[idx])
             if t["l2"] > 0 or bias_l2 > 0:
                 loss = loss + model.regularizer(u, i, t["l2"], bias_l2)
             if model.rater_bag is not None and t["history_l2"] > 0:

@@ -42,9 +42,10 @@ def ratings_sample(n=60, seed=4):
     return pairs // (N_ITEMS - 1), pairs % (N_ITEMS - 1), torch.randint(1, 6, (n,), generator=g).float()
 
 
-def history(users=None, items=None, ratings=None):
+def history(users=None, items=None, ratings=None, limit=0):
+    """(offsets, raters) of the item history of these ratings (by default ratings_sample's)."""
     users, items, ratings = (users, items, ratings) if users is not None else ratings_sample()
-    return models.rating_history(users, items, ratings, N_ITEMS, [1.0, 2.0, 3.0, 4.0, 5.0])
+    return models.rating_history(users, items, ratings, N_ITEMS, [1.0, 2.0, 3.0, 4.0, 5.0], limit, seed=1)[:2]
 
 
 def random_model(s: dict, genres=None, item_history=None) -> models.RatingModel:
@@ -288,6 +289,41 @@ def test_item_history_adds_the_raters_and_training_leaves_the_own_rating_out():
         blind = float(m(users[k], items[k])) - float(m.user_embedding.weight[users[0]] @ own)
         assert m.loss(users[k], items[k], ratings[k]) == pytest.approx((blind - float(ratings[0])) ** 2, abs=1e-5)
         assert abs(float(m(users[k], items[k])) - blind) > 1e-3
+
+
+def test_history_size_keeps_a_seeded_sample_of_each_items_raters_and_says_which():
+    g = torch.Generator().manual_seed(2)
+    users, items = torch.arange(N_USERS).repeat(3), torch.tensor([2] * N_USERS + [7] * N_USERS + [9] * N_USERS)
+    users, items = users[:-10], items[:-10]  # item 9 keeps 3 raters, under the limit
+    ratings = torch.randint(1, 6, (len(users),), generator=g).float()
+    levels = [1.0, 2.0, 3.0, 4.0, 5.0]
+    offsets, raters, kept = models.rating_history(users, items, ratings, N_ITEMS, levels, limit=5, seed=1)
+    assert (offsets[3] - offsets[2], offsets[8] - offsets[7], offsets[10] - offsets[9]) == (5, 5, 3)
+    assert int(kept.sum()) == len(raters) == 13
+    # the kept rows are the raters listed, item by item
+    for item in (2, 7, 9):
+        listed = sorted(raters[offsets[item]:offsets[item + 1]].tolist())
+        rows = kept & (items == item)
+        assert listed == sorted((users[rows] * 5 + ratings[rows].long() - 1).tolist())
+    # the rows' order does not matter, the seed does, and items 2 and 7 draw different users
+    order = torch.randperm(len(users), generator=g)
+    again = models.rating_history(users[order], items[order], ratings[order], N_ITEMS, levels, limit=5, seed=1)
+    assert torch.equal(again[1], raters) and torch.equal(again[2], kept[order])
+    other = models.rating_history(users, items, ratings, N_ITEMS, levels, limit=5, seed=2)[2]
+    assert not torch.equal(other, kept)
+    assert set(users[kept & (items == 2)].tolist()) != set(users[kept & (items == 7)].tolist())
+
+
+def test_training_leaves_out_only_the_ratings_the_history_holds():
+    users, items, ratings = ratings_sample()
+    m = random_model(spec("mf", item_history=60), item_history=history(users, items, ratings))
+    k = slice(0, 3)
+    m.eval()
+    with torch.no_grad():
+        held = m.loss(users[k], items[k], ratings[k], torch.tensor([True, True, True]))
+        outside = m.loss(users[k], items[k], ratings[k], torch.tensor([False, False, False]))
+        assert outside == pytest.approx(float((m(users[k], items[k]) - ratings[k]).pow(2).mean()), abs=1e-6)
+        assert abs(float(held) - float(outside)) > 1e-4
 
 
 def test_item_history_of_the_wrong_size_is_refused():

@@ -94,6 +94,8 @@ def test_sparse_and_fp16_gradient_exchange_train_like_the_dense_allreduce(spark,
     ("dmf", ["train.head=softmax", "train.genres=true", "train.batch_norm=true", "train.dropout=0.1"], 1.5),
     ("neumf", ["train.hidden=[32,16]"], 1.4),
     ("two_tower", ["train.hidden=[32,16]", "train.genres=true"], 1.4),
+    # every rank gathers every item's ratings; the saved model carries them (checked by the reload below)
+    ("mf", ["train.item_history=true", "train.history_l2=0.01"], 1.1),
 ])
 def test_other_models_learn(spark, synthetic, tmp_path, model, extra, bound):
     data, truth = synthetic
