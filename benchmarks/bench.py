@@ -185,8 +185,10 @@ def model_config(conf: str | None, overrides: list[str], model: str, sparse: boo
     settings = [*overrides, f"train.model={model}"]
     if sparse:
         # Adam takes dense gradients only: a model tuned with it takes the other models' Adagrad settings.
+        # The item history needs the dense allreduce too: these catalogs train without it.
         adam = config.load(conf, settings).train.optimizer == "adam"
-        settings += [*(["train.optimizer=adagrad", "train.lr=0.05"] if adam else []), "train.sparse_gradients=true"]
+        settings += [*(["train.optimizer=adagrad", "train.lr=0.05"] if adam else []), "train.sparse_gradients=true",
+                     "train.item_history=false"]
     return config.load(conf, settings)
 
 
