@@ -99,13 +99,13 @@ def als_ranking(model, data_dir: str, data: dict, k: int, relevant_rating: float
     rating for; relevant: validation rating >= relevant_rating), from ALS's unclipped scores u.v."""
     users = _factors(model.userFactors, data["counts"]["users"])
     items = _factors(model.itemFactors, data["counts"]["items"])
-    seen = train.read_table(data_dir, data, "train").groupby("user_idx").item_idx.apply(np.asarray)
+    seen = recommend.seen_items(data_dir, data, ("train",))
     valid = train.read_table(data_dir, data, "valid")
     truth = valid[valid.rating >= relevant_rating].groupby("user_idx").item_idx.apply(set)
     tops = []
     for start in range(0, len(truth), block):
         u = truth.index.to_numpy()[start:start + block]
-        scores = recommend._mask_seen(torch.from_numpy(users[u] @ items.T), seen.reindex(u))
+        scores = recommend._mask_seen(torch.from_numpy(users[u] @ items.T), u, *seen)
         tops.append(recommend._best(torch.as_tensor(u), *recommend._top_k(scores, k)))
     lists = pd.concat(tops).sort_values(["user_idx", "rank"]).groupby("user_idx").item_idx.apply(list)
     order = truth.index.intersection(lists.index)

@@ -11,7 +11,6 @@ import time
 import numpy as np
 import pandas as pd
 from pyspark.sql import SparkSession
-from pyspark.sql import functions as F
 
 from pipeline import metrics, storage
 from pipeline.config import Config
@@ -45,15 +44,14 @@ def evaluate(spark: SparkSession, cfg: Config, model_dir: str, data_dir: str | N
     rounded = metrics.rating_errors({"sse": total["sse_rounded"], "sae": total["sae_rounded"], "n": total["n"]})
 
     k = cfg.evaluate.k
-    seen = seen_items(spark, data_dir, data, ("train",))
-    relevant = (valid.where(F.col("rating") >= cfg.evaluate.relevant_rating)
-                .groupBy("user_idx").agg(F.collect_list("item_idx").alias("relevant")))
-    users = relevant.select("user_idx").join(seen, "user_idx", "left")
-    ranked = top_n(spark, model_dir, users, k, cfg.recommend.users_per_block).toPandas()
-    lists = ranked.sort_values(["user_idx", "rank"]).groupby("user_idx").item_idx.apply(list)
-    truth = relevant.toPandas().set_index("user_idx").relevant
+    valid_rows = read_table(data_dir, data, "valid", columns=["user_idx", "item_idx", "rating"])
+    truth = (valid_rows[valid_rows.rating >= cfg.evaluate.relevant_rating]
+             .groupby("user_idx").item_idx.apply(set))
+    ranked = top_n(spark, model_dir, truth.index.to_numpy(), seen_items(data_dir, data, ("train",)), k,
+                   cfg.recommend.users_per_block).toPandas()
+    lists = ranked.groupby("user_idx", sort=False).item_idx.apply(list)  # in rank order already
     order = truth.index.intersection(lists.index)
-    ranking = metrics.ranking_metrics([lists[u] for u in order], [set(truth[u]) for u in order], k)
+    ranking = metrics.ranking_metrics([lists[u] for u in order], [truth[u] for u in order], k)
     items = read_table(data_dir, data, "items").sort_values("item_idx")
     counts = items.train_count.to_numpy()
     recommended = [lists[u] for u in order]

@@ -1,10 +1,10 @@
 """Top-N for every user, scored in blocks: never a row-level users x items cross join.
 
-The model's weights are broadcast once; each task rebuilds the model, scores a block of users
-against every item (one matrix product for mf and two_tower, `score_all`'s split first layer for dmf
-and neumf), masks what each user has already rated, and keeps the N best. Items are ranked by the
-unclipped predicted rating: clipped to the scale, every item above it would tie at the top. Users are
-range-partitioned and sorted, so the output comes out in user order with no sort of its own.
+The model's weights and each user's rated items are broadcast once; each task rebuilds the model, scores
+blocks of users against every item (one matrix product for mf and two_tower, `score_all`'s split first
+layer for dmf and neumf), masks what each user has already rated, and keeps the N best. Items are ranked
+by the unclipped predicted rating: clipped to the scale, every item above it would tie at the top. Tasks
+take contiguous runs of users, so the output comes out in user order with no shuffle or sort.
 
 Two-stage mode (`recommend.candidates` > 0): a block is first scored by the dot product of an mf or
 two_tower retrieval model, which is cheap for any catalog, and only each user's best `candidates`
@@ -27,7 +27,7 @@ from pyspark.sql.types import FloatType
 from pipeline import storage
 from pipeline.config import Config
 from pipeline.storage import StageError
-from pipeline.train import load_model
+from pipeline.train import load_model, read_table
 
 log = logging.getLogger(__name__)
 TOP_SCHEMA = "user_idx int, rank int, item_idx int, score float"
@@ -40,13 +40,22 @@ def spark_table(spark: SparkSession, data_dir: str, data: dict, name: str) -> Da
     return spark.read.parquet(f"{data_dir.rstrip('/')}/{data['paths'][name]}")
 
 
-def seen_items(spark: SparkSession, data_dir: str, data: dict, splits: tuple[str, ...]) -> DataFrame:
-    """user_idx -> the item_idx list each user rated in the given splits."""
-    rows = [spark_table(spark, data_dir, data, s).select("user_idx", "item_idx") for s in splits]
-    union = rows[0]
-    for other in rows[1:]:
-        union = union.unionByName(other)
-    return union.groupBy("user_idx").agg(F.collect_list("item_idx").alias("seen"))
+def seen_items(data_dir: str, data: dict, splits: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """The item_idx each user rated in the given splits, as `by_user` returns them.
+
+    Read on the driver and broadcast to the scoring tasks (8 bytes a rating: 160 MB for ML-20M): a Spark
+    groupBy into lists, shuffled to the tasks, took five times as long as the scoring itself."""
+    frames = [read_table(data_dir, data, split, columns=["user_idx", "item_idx"]) for split in splits]
+    return by_user(np.concatenate([f.user_idx.to_numpy() for f in frames]),
+                   np.concatenate([f.item_idx.to_numpy() for f in frames]), data["counts"]["users"])
+
+
+def by_user(users: np.ndarray, items: np.ndarray, n_users: int) -> tuple[np.ndarray, np.ndarray]:
+    """(offsets [n_users + 1], items): user u's items are items[offsets[u]:offsets[u + 1]]."""
+    order = np.argsort(users, kind="stable")
+    offsets = np.zeros(n_users + 1, dtype=np.int64)
+    np.cumsum(np.bincount(users, minlength=n_users), out=offsets[1:])
+    return offsets, np.asarray(items)[order].astype(np.int32)
 
 
 def shipped_model(spark: SparkSession, model_dir: str):
@@ -68,40 +77,44 @@ def shipped_model(spark: SparkSession, model_dir: str):
     return build, manifest
 
 
-def top_n(spark: SparkSession, model_dir: str, users: DataFrame, n: int, block: int,
-          retrieval_dir: str | None = None, candidates: int = 0) -> DataFrame:
-    """(user_idx, rank, item_idx, score) for the users in `users` (user_idx, seen), best first, in user_idx
-    order across partitions.
+def top_n(spark: SparkSession, model_dir: str, users: np.ndarray, seen: tuple[np.ndarray, np.ndarray], n: int,
+          block: int, retrieval_dir: str | None = None, candidates: int = 0) -> DataFrame:
+    """(user_idx, rank, item_idx, score) for the given users, best first, in the order of `users`; the items
+    of `seen` (from `seen_items`) are left out.
 
-    With `candidates` > 0 the model scores only each user's best `candidates` unseen items by the
-    retrieval model (`retrieval_dir`, an mf or two_tower model trained on the same data)."""
+    Spark runs one task per range of blocks of `block` users; the users and the seen items are broadcast
+    with the model, so nothing is shuffled. With `candidates` > 0 the model scores only each user's best
+    `candidates` unseen items by the retrieval model (`retrieval_dir`, an mf or two_tower model trained on
+    the same data)."""
     build, manifest = shipped_model(spark, model_dir)
     build_retrieval = shipped_model(spark, retrieval_dir)[0] if candidates else None
     n_items = manifest["spec"]["n_items"]
+    shipped = spark.sparkContext.broadcast((np.asarray(users, dtype=np.int64), *seen))
 
     def score(batches):
         model = build()
         dot = dot_factors(build_retrieval() if candidates else model) \
             if candidates or manifest["spec"]["model"] in RETRIEVAL_MODELS else None
+        all_users, seen_offsets, seen_items = shipped.value
         # One buffer per task, its width padded for _top_k; the padding stays -inf.
         grid = torch.full((block, -(-n_items // TOPK_CHUNK) * TOPK_CHUNK), -torch.inf)
         for pdf in batches:
-            for start in range(0, len(pdf), block):
-                part = pdf.iloc[start:start + block]
-                users, scores = _user_tensor(part), grid[:len(part)]
+            for b in pdf.id:
+                users = torch.from_numpy(all_users[b * block:(b + 1) * block])
+                scores = grid[:len(users)]
                 with torch.no_grad():
                     if dot is None:
                         scores[:, :n_items] = model.score_all(users, torch.arange(n_items), clip=False)
                     else:
                         _dot_scores(dot, users, scores[:, :n_items])
-                    _mask_seen(scores, part.seen)
+                    _mask_seen(scores, users.numpy(), seen_offsets, seen_items)
                     yield (_best(users, *_top_k(scores, n)) if not candidates
                            else _rerank(model, users, *_top_k(scores, candidates), n))
 
-    parts = max(1, spark.sparkContext.defaultParallelism * 2)
-    # Range partitions sorted by user: the output comes out in user order without sorting it.
-    return (users.repartitionByRange(parts, "user_idx").sortWithinPartitions("user_idx")
-            .mapInPandas(score, TOP_SCHEMA))
+    blocks = -(-len(users) // block)
+    # spark.range hands each task a contiguous run of blocks: the output comes out in the order of `users`.
+    parts = max(1, min(blocks, spark.sparkContext.defaultParallelism * 2))
+    return spark.range(0, blocks, 1, parts).mapInPandas(score, TOP_SCHEMA)
 
 
 def predict_pairs(spark: SparkSession, model_dir: str, pairs: DataFrame) -> DataFrame:
@@ -158,16 +171,13 @@ def _dot_scores(factors: tuple[torch.Tensor, torch.Tensor], users: torch.Tensor,
         torch.mm(u, item_factors[:, start:end], out=out[:, start:end])
 
 
-def _user_tensor(pdf: pd.DataFrame) -> torch.Tensor:
-    return torch.as_tensor(pdf.user_idx.to_numpy(), dtype=torch.long)
-
-
-def _mask_seen(scores: torch.Tensor, seen: pd.Series) -> torch.Tensor:
-    """Set each row's rated items (seen[row], an index array or None) to -inf."""
-    rated = [np.asarray(s, dtype=np.int64) if s is not None else np.empty(0, np.int64) for s in seen]
-    rows = np.repeat(np.arange(len(rated)), [len(r) for r in rated])
-    if len(rows):
-        scores[torch.from_numpy(rows), torch.from_numpy(np.concatenate(rated))] = -torch.inf
+def _mask_seen(scores: torch.Tensor, users: np.ndarray, offsets: np.ndarray, items: np.ndarray) -> torch.Tensor:
+    """Set row r's items[offsets[users[r]]:offsets[users[r] + 1]] (what user users[r] rated) to -inf."""
+    starts = offsets[users]
+    lengths = offsets[users + 1] - starts
+    rows = np.repeat(np.arange(len(users)), lengths)
+    at = np.repeat(starts - (np.cumsum(lengths) - lengths), lengths) + np.arange(lengths.sum())
+    scores[torch.from_numpy(rows), torch.from_numpy(items[at].astype(np.int64))] = -torch.inf
     return scores
 
 
@@ -250,46 +260,50 @@ def recommend(spark: SparkSession, cfg: Config, model_dir: str, data_dir: str | 
     n, block, candidates = cfg.recommend.top_n, cfg.recommend.users_per_block, cfg.recommend.candidates
     users = spark_table(spark, data_dir, data, "users").select("user_idx", "user_id")
     items = spark_table(spark, data_dir, data, "items").select("item_idx", "item_id", "title")
-    seen = seen_items(spark, data_dir, data, ("train", "valid"))
-    todo = users.select("user_idx").join(seen, "user_idx", "left")
+    seen = seen_items(data_dir, data, ("train", "valid"))
+    every_user = np.arange(data["counts"]["users"])
 
     def with_ids(top):
         # Broadcast joins: the id tables are small beside the output, and the output keeps its user order
         # (user_idx numbers the user ids in ascending order).
         return top.join(F.broadcast(items), "item_idx").join(F.broadcast(users), "user_idx")
 
-    top = top_n(spark, model_dir, todo, n, block, retrieval, candidates)
-    # Kept once computed: the summary and the recall check read it again.
-    result = with_ids(top).select("user_id", "rank", "item_id", "score", "title").persist()
-    try:
-        with storage.publish(out) as tmp:
-            writer = result.write
-            if cfg.recommend.format == "csv":
-                writer.option("header", True).csv(f"{tmp}/recommendations")
-            else:
-                writer.parquet(f"{tmp}/recommendations")
-            stats = result.agg(F.countDistinct("user_id").alias("users"), F.count(F.lit(1)).alias("rows"),
-                               F.countDistinct("item_id").alias("items")).first()
-            two_stage = None
-            if retrieval:
-                sample = todo.orderBy(F.xxhash64("user_idx")).limit(RECALL_USERS)
-                exact = with_ids(top_n(spark, model_dir, sample, n, block)).select("user_id", "item_id")
-                hits = result.select("user_id", "item_id", F.lit(1).alias("hit"))
-                check = exact.join(hits, ["user_id", "item_id"], "left").agg(
-                    F.countDistinct("user_id").alias("users"), F.count(F.lit(1)).alias("items"),
-                    F.count("hit").alias("hits")).first()
-                two_stage = {"candidates": candidates, "retrieval_model": retrieval,
-                             "recall_vs_exact": check.hits / check["items"] if check["items"] else None,
-                             "users_checked": check.users}
-            storage.write_manifest(tmp, {
-                "stage": "recommend", "model": model_dir, "data": data_dir, "top_n": n,
-                "format": cfg.recommend.format, "path": "recommendations",
-                "counts": {"users": stats.users, "rows": stats.rows, "items_covered": stats["items"],
-                           "catalog": data["counts"]["items"]},
-                "two_stage": two_stage, "seconds": time.time() - started})
-    finally:
-        result.unpersist()
+    top = top_n(spark, model_dir, every_user, seen, n, block, retrieval, candidates)
+    with storage.publish(out) as tmp:
+        writer = with_ids(top).select("user_id", "rank", "item_id", "score", "title").write
+        if cfg.recommend.format == "csv":
+            writer.option("header", True).csv(f"{tmp}/recommendations")
+        else:
+            writer.parquet(f"{tmp}/recommendations")
+        # Read back on the driver (two id columns): cheaper than keeping the output cached for a Spark summary.
+        written = _written_ids(f"{tmp}/recommendations", cfg.recommend.format)
+        two_stage = None
+        if retrieval:
+            sample = np.sort(np.random.default_rng(0).permutation(every_user)[:RECALL_USERS])
+            exact = with_ids(top_n(spark, model_dir, sample, seen, n, block)).select("user_id", "item_id").toPandas()
+            hits = len(exact.merge(written, on=["user_id", "item_id"]))
+            two_stage = {"candidates": candidates, "retrieval_model": retrieval,
+                         "recall_vs_exact": hits / len(exact) if len(exact) else None,
+                         "users_checked": int(exact.user_id.nunique())}
+        storage.write_manifest(tmp, {
+            "stage": "recommend", "model": model_dir, "data": data_dir, "top_n": n,
+            "format": cfg.recommend.format, "path": "recommendations",
+            "counts": {"users": int(written.user_id.nunique()), "rows": len(written),
+                       "items_covered": int(written.item_id.nunique()), "catalog": data["counts"]["items"]},
+            "two_stage": two_stage, "seconds": time.time() - started})
     return storage.read_manifest(out, "recommend")
+
+
+def _written_ids(path: str, fmt: str) -> pd.DataFrame:
+    """user_id and item_id of a written recommendations directory."""
+    fs, plain = storage.filesystem(path)
+    parts = sorted(f for f in fs.find(plain) if f.rsplit("/", 1)[-1].startswith("part-"))
+    columns = ["user_id", "item_id"]
+    frames = []
+    for part in parts:
+        with fs.open(part, "rb") as f:
+            frames.append(pd.read_csv(f, usecols=columns) if fmt == "csv" else pd.read_parquet(f, columns=columns))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns, dtype="int64")
 
 
 def summary(manifest: dict, out: str) -> str:

@@ -46,9 +46,9 @@ def item_genres(items: pd.DataFrame, spec: dict) -> np.ndarray | None:
     return matrix
 
 
-def read_table(data_dir: str, data: dict, name: str) -> pd.DataFrame:
+def read_table(data_dir: str, data: dict, name: str, columns: list[str] | None = None) -> pd.DataFrame:
     fs, plain = storage.filesystem(f"{data_dir.rstrip('/')}/{data['paths'][name]}")
-    return pd.read_parquet(plain, filesystem=fs)
+    return pd.read_parquet(plain, filesystem=fs, columns=columns)
 
 
 def check(spark: SparkSession, cfg: Config, data_dir: str) -> tuple[dict, dict]:

@@ -87,12 +87,14 @@ def test_a_user_who_rated_all_but_three_items_gets_those_three(spark, trained):
     model, manifest = train.load_model(str(base / "model"))
     n_items = manifest["spec"]["n_items"]
     left = [5, 17, 42]
-    seen = spark.createDataFrame(pd.DataFrame({"user_idx": [0, 1, 2], "seen": [
-        [i for i in range(n_items) if i not in left], [], list(range(n_items))]}), "user_idx int, seen array<int>")
+    rated = [i for i in range(n_items) if i not in left]  # user 0 rated all but 3, user 1 nothing, user 2 all
+    seen = recommend.by_user(np.array([0] * len(rated) + [2] * n_items), np.array(rated + list(range(n_items))),
+                             manifest["spec"]["n_users"])
     with torch.no_grad():
         scores = model.score_all(torch.tensor([0]), torch.tensor(left), clip=False)[0].numpy()
     for candidates in (0, 10):  # exact, and two-stage with the model as its own retriever
-        got = recommend.top_n(spark, str(base / "model"), seen, 5, 2, str(base / "model"), candidates).toPandas()
+        got = recommend.top_n(spark, str(base / "model"), np.array([0, 1, 2]), seen, 5, 2, str(base / "model"),
+                              candidates).toPandas()
         got = got.sort_values(["user_idx", "rank"])
         user0 = got[got.user_idx == 0]
         assert user0["rank"].tolist() == [1, 2, 3]
@@ -186,6 +188,8 @@ def test_top_k_in_two_passes_equals_torch_topk():
         assert all(len(set(row[keep].tolist())) == int(keep.sum()) for row, keep in zip(items, finite))
 
 
-def test_mask_seen_takes_arrays_lists_and_missing():
-    scores = recommend._mask_seen(torch.zeros(3, 5), pd.Series([np.array([1, 3]), None, [4]], dtype=object))
-    assert torch.isinf(scores).nonzero().tolist() == [[0, 1], [0, 3], [2, 4]]
+def test_mask_seen_masks_each_rows_user_from_the_by_user_lists():
+    seen = recommend.by_user(np.array([3, 0, 3, 2]), np.array([1, 4, 3, 0]), 5)  # user 1 and 4 rated nothing
+    assert seen[0].tolist() == [0, 1, 1, 2, 4, 4] and seen[1].tolist() == [4, 0, 1, 3]
+    scores = recommend._mask_seen(torch.zeros(4, 5), np.array([3, 1, 0, 3]), *seen)
+    assert torch.isinf(scores).nonzero().tolist() == [[0, 1], [0, 3], [2, 4], [3, 1], [3, 3]]
