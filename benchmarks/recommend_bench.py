@@ -54,7 +54,7 @@ def main() -> None:
     data = args.data or ml20m_sized(spark, args.ratings, args.work)
     counts = storage.read_manifest(data, "prepare")["counts"]
     def trained(model: str) -> str:
-        model_dir = f"{args.work}/rec-model-{model}-{args.rank}"
+        model_dir = f"{args.work}/rec-model-{model}-{args.rank}-{Path(data).name}"
         if not storage.exists(f"{model_dir}/manifest.json"):
             train.train(spark, config.load(overrides=[*base, f"train.model={model}"]), data, model_dir)
         return model_dir

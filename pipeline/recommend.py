@@ -226,10 +226,14 @@ def model_and_data(model_dir: str, data_dir: str | None) -> tuple[str, dict]:
     model_manifest = storage.read_manifest(model_dir, "train")
     data_dir = data_dir or model_manifest["data"]["path"]
     data = storage.read_manifest(data_dir, "prepare")
-    if data["created_at"] != model_manifest["data"]["created_at"]:
-        raise StageError(f"{model_dir} was trained on the {data_dir} written at "
-                         f"{model_manifest['data']['created_at']}, which has since been rewritten "
-                         f"({data['created_at']}): train again")
+    trained_on = model_manifest["data"]
+    if data["created_at"] != trained_on["created_at"]:
+        if storage.url(data_dir) == storage.url(trained_on["path"]):
+            raise StageError(f"{model_dir} was trained on the {data_dir} written at {trained_on['created_at']}, "
+                             f"which has since been rewritten ({data['created_at']}): train again")
+        raise StageError(f"{model_dir} was trained on {trained_on['path']} (written at {trained_on['created_at']}), "
+                         f"not on {data_dir} (written at {data['created_at']}): give the data it was trained on, "
+                         f"or train on {data_dir}")
     return data_dir, data
 
 

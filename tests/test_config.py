@@ -34,6 +34,10 @@ def test_bad_keys_are_named(tmp_path):
         config.load(overrides=["train.sparse_gradients=true", "train.optimizer=adam"])
     with pytest.raises(ConfigError, match="lr_decay"):
         config.load(overrides=["train.lr_decay=0"])
+    with pytest.raises(ConfigError, match="item_history .* needs the dense allreduce"):
+        config.load(overrides=["train.item_history=true", "train.sparse_gradients=true", "train.optimizer=adagrad"])
+    with pytest.raises(ConfigError, match="history_size must not be negative"):
+        config.load(overrides=["train.history_size=-1"])
 
 
 def test_shipped_configs_load_for_every_model():

@@ -172,6 +172,12 @@ def test_two_stage_needs_a_dot_product_retriever_trained_on_the_same_data(traine
     with pytest.raises(StageError, match=r"has since been rewritten"):
         recommend.recommend(None, two_stage(cfg, 10), str(base / "dmf"), None, str(tmp_path / "out"),
                             retrieval_model_dir=str(stale))
+    other = tmp_path / "other_data"
+    shutil.copytree(base / "data", other)
+    data_manifest = json.loads((other / "manifest.json").read_text())
+    (other / "manifest.json").write_text(json.dumps({**data_manifest, "created_at": "2001-01-01T00:00:00+00:00"}))
+    with pytest.raises(StageError, match=r"was trained on .*data \(written at .*\), not on .*other_data"):
+        recommend.recommend(None, cfg, str(base / "model"), str(other), str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
 
 
