@@ -96,6 +96,8 @@ def main() -> None:
              f"Data: {counts['users']:,} users x {counts['items']:,} items, {counts['train']:,} training ratings; "
              f"top {args.top_n} for every user, rank {args.rank}, Spark local[2]; ALS fitted with "
              f"{args.als_iterations} iterations in {fit_seconds:.0f} s (not part of the timings).\n",
+             "A method's first run includes starting Spark's Python workers (for this pipeline, with torch); the "
+             "median is over all runs.\n",
              "| method | seconds (each run) | median | ALS time / this |", "| --- | --- | --- | --- |"]
     for name, seconds in rows:
         median = statistics.median(seconds)
