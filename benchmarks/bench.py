@@ -452,6 +452,9 @@ def main() -> None:
     first = next(iter(todo.values()))[0]
     spark = session(config.load(first, [f"spark.conf.spark.driver.memory={args.driver_memory}"]).spark)
     spark.conf.set("spark.sql.execution.arrow.pyspark.enabled", "true")
+    # ALS truncates its lineage every checkpointInterval (10) iterations only when a checkpoint directory is
+    # set; without one, 20 iterations overflow the JVM stack when a task is serialized.
+    spark.sparkContext.setCheckpointDir(f"{args.work}/als-checkpoints")
     command = " ".join(shlex.quote(a) for a in [".venv/bin/python", "benchmarks/bench.py", *sys.argv[1:]])
     for name, (conf, overrides, source) in todo.items():
         started = time.time()
