@@ -159,6 +159,8 @@ def run_als(spark, cfg, data_dir: str, data: dict, grid: list, repeat: int, work
 
 def settings_of(t: TrainConfig) -> str:
     default, skip = TrainConfig(), {"model", "epochs", "num_proc", "patience", "seed"}
+    if not t.item_history:
+        skip |= {"history_l2", "history_size"}
     return ", ".join(f"{k}={v}" for k, v in vars(t).items() if k not in skip and v != getattr(default, k))
 
 
@@ -373,7 +375,10 @@ def document(results: dict, out: Path) -> str:
              f"{SPARSE_ABOVE:,} users + items they train with `train.sparse_gradients=true` (same numbers, "
              "~20x the throughput of a dense allreduce of the embedding tables on 2 ranks here), and dmf, whose "
              "tuned Adam cannot take sparse gradients, with Adagrad at lr 0.05 like the other models; the "
-             "settings column shows what each model ran with.",
+             "settings column shows what each model ran with. The synthetic sets' tables have no dmf or neumf "
+             "rows: exact full-catalog ranking by an MLP scores 3.7 billion pairs there, and evaluate alone had "
+             "not finished after 13 minutes on 2 CPU cores (the two-stage `dmf recommend --candidates` is the "
+             "way to serve them at that size: docs/benchmarks/recommend.md).",
              "- Metrics (pipeline.metrics, for both sides): validation RMSE and MAE; NDCG@10 and recall@10 over the "
              "full catalog, with the items the user has no training rating for as candidates and validation "
              "ratings >= 4 as relevant, averaged over users with a relevant item.",
@@ -415,8 +420,32 @@ def document(results: dict, out: Path) -> str:
     return "\n".join(lines)
 
 
-def publish(result: dict, out: Path) -> None:
-    """Merges one data set's result into the results file beside `out` and rewrites `out` from all of them."""
+def readme_summary(results: dict) -> str:
+    """The README's results table: one row per data set and method, and the claims, from the results file."""
+    lines = ["| data set | method | valid RMSE | NDCG@10 | recall@10 | train s | recommend-all s |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in results.values():
+        for row in r["rows"]:
+            lines.append(f"| {r['name']} | {row['method']} | {row['rmse']:.4f} | {row['ndcg']:.4f} | "
+                         f"{row['recall']:.4f} | {spread(row['train_s'])} | {spread(row['recommend_s'])} |")
+    return "\n".join([*lines, "", *claims(results)])
+
+
+README_START, README_END = "<!-- written by benchmarks/bench.py -->", "<!-- end of benchmarks/bench.py -->"
+
+
+def with_summary(readme: str, results: dict) -> str:
+    """readme with the text between its two markers replaced by readme_summary(results)."""
+    head, start, rest = readme.partition(README_START)
+    _, end, tail = rest.partition(README_END)
+    if not (start and end):
+        raise ValueError(f"the README lacks the markers {README_START} ... {README_END}")
+    return f"{head}{start}\n{readme_summary(results)}\n{end}{tail}"
+
+
+def publish(result: dict, out: Path, readme: Path | None = None) -> None:
+    """Merges one data set's result into the results file beside `out` and rewrites `out` (and the summary in
+    `readme`) from all of them."""
     folder = out.parent / "benchmarks"
     folder.mkdir(parents=True, exist_ok=True)
     store = folder / "bench-results.json"
@@ -424,6 +453,8 @@ def publish(result: dict, out: Path) -> None:
     results[result["name"]] = result
     store.write_text(json.dumps(results, indent=1))
     out.write_text(document(results, out))
+    if readme:
+        readme.write_text(with_summary(readme.read_text(), results))
 
 
 def main() -> None:
@@ -443,6 +474,8 @@ def main() -> None:
     parser.add_argument("--driver-memory", default="6g")
     parser.add_argument("--work", default=str(WORK))
     parser.add_argument("--out", default=str(ROOT / "docs" / "BENCHMARKS.md"))
+    parser.add_argument("--readme", default=str(ROOT / "README.md"),
+                        help="file whose results summary (between bench.py's markers) is rewritten; '' for none")
     args = parser.parse_args()
     todo = {n: DATASETS[n] for n in (args.datasets.split(",") if args.datasets else
                                      [] if args.input else list(DATASETS)[:3])}
@@ -470,7 +503,7 @@ def main() -> None:
                                repeat, args.work)
         result.update(command=command, machine=machine(), date=str(dt.date.today()),
                       seconds=time.time() - started)
-        publish(result, Path(args.out))
+        publish(result, Path(args.out), Path(args.readme) if args.readme else None)
         print(f"{name}: {time.time() - started:.0f} s\n{table(result)}", flush=True)
     print(f"wrote {args.out}")
 
