@@ -1,8 +1,9 @@
 """This pipeline and Spark MLlib ALS side by side, on the same split of each data set.
 
-    .venv/bin/python benchmarks/bench.py                      # ml-100k, ml-100k-temporal, synth-1m
-    .venv/bin/python benchmarks/bench.py --datasets synth-20m --als-grid small \\
-        --data-dir synth-20m=/work/bench-data/prepared-20m
+    .venv/bin/python benchmarks/bench.py                      # ml-100k and ml-100k-temporal, every model
+    .venv/bin/python benchmarks/bench.py --datasets synth-1m --models mf,two_tower
+    .venv/bin/python benchmarks/bench.py --datasets synth-20m --models mf --set train.epochs=15 \\
+        --set train.l2=0.05                                   # the commands behind the README's table
     .venv/bin/python benchmarks/bench.py --input ~/Downloads/ml-1m.zip --config conf/ml-1m.yaml
 
 Each data set is prepared once (one split). ALS is searched over rank x regParam x maxIter on the
@@ -459,7 +460,7 @@ def publish(result: dict, out: Path, readme: Path | None = None) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--datasets", help=f"comma-separated, of {', '.join(DATASETS)} (default: the first three; "
+    parser.add_argument("--datasets", help=f"comma-separated, of {', '.join(DATASETS)} (default: the first two; "
                                            "none when --input is given)")
     parser.add_argument("--input", help="a MovieLens release (zip, directory or ratings file): one more data set")
     parser.add_argument("--name", help="name of the --input data set (default: from its file name)")
@@ -478,7 +479,7 @@ def main() -> None:
                         help="file whose results summary (between bench.py's markers) is rewritten; '' for none")
     args = parser.parse_args()
     todo = {n: DATASETS[n] for n in (args.datasets.split(",") if args.datasets else
-                                     [] if args.input else list(DATASETS)[:3])}
+                                     [] if args.input else list(DATASETS)[:2])}
     if args.input:
         if not args.config:
             parser.error("--input needs --config (e.g. conf/ml-1m.yaml)")
