@@ -51,7 +51,6 @@ DATASETS = {
     "synth-1m": (CONF, BIG_CATALOG, 1_000_000),
     "synth-20m": (CONF, BIG_CATALOG, 20_000_000),
 }
-PREPARED_20M = ROOT.parent / "bench-data" / "prepared-20m"  # left there by prepare_bench.py
 # The full grid reaches past the best setting found before (rank 64, regParam 0.1, 15 iterations on ml-100k).
 ALS_GRIDS = {"full": list(itertools.product((32, 64, 128), (0.05, 0.1, 0.15), (10, 15, 20))),
              "small": list(itertools.product((32,), (0.05, 0.1, 0.2, 0.4), (10,)))}
@@ -485,8 +484,6 @@ def main() -> None:
             parser.error("--input needs --config (e.g. conf/ml-1m.yaml)")
         todo[args.name or Path(args.input).name.removesuffix(".zip")] = (args.config, [], Path(args.input))
     data_dirs = dict(item.split("=", 1) for item in args.data_dir)
-    if (PREPARED_20M / "manifest.json").exists():
-        data_dirs.setdefault("synth-20m", str(PREPARED_20M))
     first = next(iter(todo.values()))[0]
     spark = session(config.load(first, [f"spark.conf.spark.driver.memory={args.driver_memory}"]).spark)
     spark.conf.set("spark.sql.execution.arrow.pyspark.enabled", "true")
