@@ -188,8 +188,11 @@ def run_model(spark, cfg, data_dir: str, repeat: int, work: str) -> dict:
             "curve": [[float(s), h["valid_rmse"]] for s, h in zip(elapsed, history)]}
 
 
-def model_config(conf: str | None, overrides: list[str], model: str, sparse: bool):
+def model_config(conf: str | None, overrides: list[str], model: str, sparse: bool, work: str):
     settings = [*overrides, f"train.model={model}"]
+    if config.load(conf, settings).train.init_from:
+        # The config's init_from is where a plain run leaves its mf; here it is the mf this bench trained.
+        settings.append(f"train.init_from={work}/model-mf")
     if sparse:
         # Adam takes dense gradients only: a model tuned with it takes the other models' Adagrad settings.
         # The item history needs the dense allreduce too: these catalogs train without it.
@@ -208,7 +211,8 @@ def bench_dataset(spark, name: str, conf: str | None, overrides: list[str], data
     rows = [als]
     sparse = data["counts"]["users"] + data["counts"]["items"] > SPARSE_ABOVE
     for model in models:
-        rows.append(run_model(spark, model_config(conf, overrides, model, sparse), data_dir, repeat, f"{work}/{name}"))
+        rows.append(run_model(spark, model_config(conf, overrides, model, sparse, f"{work}/{name}"), data_dir, repeat,
+                              f"{work}/{name}"))
         print({k: v for k, v in rows[-1].items() if k != "curve"}, flush=True)
     return {"name": name, "real": is_real(name), "data_dir": data_dir, "conf": conf, "overrides": overrides,
             "counts": data["counts"], "split": data.get("split", {}), "repeat": repeat, "rows": rows,
@@ -269,16 +273,15 @@ def claims(results: dict) -> list[str]:
     verdicts = []
     for r in real:
         als, ours = r["rows"][0], r["rows"][1:]
+        # A user picks one model for both jobs: it must beat ALS on rating error and on ranking at once.
+        both = [x for x in ours if x["rmse"] < als["rmse"] and x["ndcg"] > als["ndcg"]]
+        verdicts.append(bool(both))
         best = min(ours, key=lambda x: x["rmse"])
-        ok = best["rmse"] < als["rmse"] and best["ndcg"] > als["ndcg"]
-        verdicts.append(ok)
-        top_ndcg = max(ours, key=lambda x: x["ndcg"])
-        out.append(f"  - {r['name']}: best model by RMSE is {best['method']}: RMSE {best['rmse']:.4f} vs ALS "
-                   f"{als['rmse']:.4f}, NDCG@10 {best['ndcg']:.4f} vs ALS {als['ndcg']:.4f}: "
-                   f"{'beats ALS on both' if ok else 'does not beat ALS on both'} (highest NDCG@10 of ours: "
-                   f"{top_ndcg['method']} {top_ndcg['ndcg']:.4f}).")
+        out.append(f"  - {r['name']}: ALS RMSE {als['rmse']:.4f}, NDCG@10 {als['ndcg']:.4f}; ours better on both: "
+                   + (", ".join(f"{x['method']} ({x['rmse']:.4f}, {x['ndcg']:.4f})" for x in both) or "none")
+                   + f"; lowest RMSE of ours: {best['method']} {best['rmse']:.4f} (NDCG@10 {best['ndcg']:.4f}).")
     head = ("MET" if real and all(verdicts) else "NOT MET" if real else "NOT SHOWN (no real data set was run)")
-    lines = [f"- Best model beats tuned ALS on RMSE and NDCG@10 on every real data set: **{head}**"
+    lines = [f"- A model of ours beats tuned ALS on RMSE and NDCG@10 on every real data set: **{head}**"
              + (f" on the real data sets run here ({', '.join(r['name'] for r in real)})." if real else ".")] + out
     big = results.get("synth-20m")
     if big is None:
@@ -375,7 +378,9 @@ def document(results: dict, out: Path) -> str:
              f"{SPARSE_ABOVE:,} users + items they train with `train.sparse_gradients=true` (same numbers, "
              "~20x the throughput of a dense allreduce of the embedding tables on 2 ranks here), and dmf, whose "
              "tuned Adam cannot take sparse gradients, with Adagrad at lr 0.05 like the other models; the "
-             "settings column shows what each model ran with. The synthetic sets' tables have no dmf or neumf "
+             "settings column shows what each model ran with. dmf starts from the mf trained before it on the "
+             "same split (`train.init_from`, which conf/ml-100k.yaml sets), so its train s leaves out the mf's. "
+             "The synthetic sets' tables have no dmf or neumf "
              "rows: exact full-catalog ranking by an MLP scores 3.7 billion pairs there, and evaluate alone had "
              "not finished after 13 minutes on 2 CPU cores (the two-stage `dmf recommend --candidates` is the "
              "way to serve them at that size: docs/benchmarks/recommend.md).",

@@ -44,7 +44,8 @@ def run_one(conf: str, base: list[str], setting: dict, data_dir: str, data: dict
     t.batch_size, t.num_proc = t.batch_size * t.num_proc, 1
     spec = train.model_spec(t, data, data_dir)
     with tempfile.TemporaryDirectory() as work:
-        job = train.make_job(cfg, data_dir, data, spec, work, resume=False)
+        job = train.make_job(cfg, data_dir, data, spec, work, resume=False,
+                             init=train.initial_parameters(cfg, spec, data_dir, work))
         job["progress"] = False
         started = time.time()
         result = rank_main(job)

@@ -46,6 +46,8 @@ TRAIN_FLAGS = {
     "--epochs": ("train.epochs", int, "maximum epochs (early stopping may end sooner)"),
     "--lr": ("train.lr", float, "learning rate for one rank"),
     "--batch-size": ("train.batch_size", int, "batch size per rank"),
+    "--init-from": ("train.init_from", str, "model directory (e.g. an mf) whose parameters of the same name "
+                                            "and shape this model starts from"),
 }
 STAGE_FLAGS["train"] = TRAIN_FLAGS
 STAGE_FLAGS["evaluate"] = {"--k": ("evaluate.k", int, "cut-off of the ranking metrics"),

@@ -89,6 +89,7 @@ class TrainConfig:
     sparse_gradients: bool = False  # allgather sparse embedding gradients instead of a dense allreduce
     fp16_allreduce: bool = False
     threads_per_rank: int = 0  # 0: the machine's cores divided by the ranks on it
+    init_from: str | None = None  # a model trained on the same prepared data: parameters of the same name start from it
 
     MODELS = ("mf", "dmf", "neumf", "two_tower")
     HEADS = ("regression", "softmax")

@@ -14,8 +14,8 @@ from pyspark.sql import SparkSession
 
 from pipeline import metrics, storage
 from pipeline.config import Config
-from pipeline.recommend import model_and_data, predict_pairs, seen_items, spark_table, top_n
-from pipeline.train import load_model, read_table
+from pipeline.recommend import predict_pairs, seen_items, spark_table, top_n
+from pipeline.train import load_model, model_and_data, read_table
 
 log = logging.getLogger(__name__)
 SAMPLE_FOR_PLOTS = 100_000

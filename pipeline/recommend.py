@@ -27,7 +27,7 @@ from pyspark.sql.types import FloatType
 from pipeline import storage
 from pipeline.config import Config
 from pipeline.storage import StageError
-from pipeline.train import load_model, read_table
+from pipeline.train import load_model, model_and_data, read_table
 
 log = logging.getLogger(__name__)
 TOP_SCHEMA = "user_idx int, rank int, item_idx int, score float"
@@ -219,22 +219,6 @@ def _best(users: torch.Tensor, scores: torch.Tensor, items: torch.Tensor) -> pd.
     return pd.DataFrame({"user_idx": users[rows].numpy().astype(np.int32), "rank": (cols + 1).numpy().astype(np.int32),
                          "item_idx": items[rows, cols].numpy().astype(np.int32),
                          "score": scores[rows, cols].numpy().astype(np.float32)})
-
-
-def model_and_data(model_dir: str, data_dir: str | None) -> tuple[str, dict]:
-    """The prepared data a model was trained on (its own record unless data_dir is given), checked unchanged."""
-    model_manifest = storage.read_manifest(model_dir, "train")
-    data_dir = data_dir or model_manifest["data"]["path"]
-    data = storage.read_manifest(data_dir, "prepare")
-    trained_on = model_manifest["data"]
-    if data["created_at"] != trained_on["created_at"]:
-        if storage.url(data_dir) == storage.url(trained_on["path"]):
-            raise StageError(f"{model_dir} was trained on the {data_dir} written at {trained_on['created_at']}, "
-                             f"which has since been rewritten ({data['created_at']}): train again")
-        raise StageError(f"{model_dir} was trained on {trained_on['path']} (written at {trained_on['created_at']}), "
-                         f"not on {data_dir} (written at {data['created_at']}): give the data it was trained on, "
-                         f"or train on {data_dir}")
-    return data_dir, data
 
 
 def retrieval_model(cfg: Config, model_dir: str, data_dir: str, retrieval_model_dir: str | None) -> str | None:

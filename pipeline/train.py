@@ -71,9 +71,36 @@ def check(spark: SparkSession, cfg: Config, data_dir: str) -> tuple[dict, dict]:
     return data, spec
 
 
-def make_job(cfg: Config, data_dir: str, data: dict, spec: dict, work: str, resume: bool) -> dict:
+def initial_parameters(cfg: Config, spec: dict, data_dir: str, out: str) -> dict | None:
+    """What train.init_from hands the ranks: the weights file and the names of this model's parameters that the
+    given model has too (its embeddings and biases, for a dmf started from an mf); None without init_from.
+    Everything that can be wrong with it is checked here, before any rank starts."""
+    source = cfg.train.init_from
+    if not source:
+        return None
+    if storage.url(source) == storage.url(out):
+        raise ConfigError(f"train.init_from={source} is this run's output directory: write the new model elsewhere "
+                          f"(--out or --run)")
+    model_and_data(source, data_dir)
+    given_model, given_manifest = load_model(source)
+    given = {name: tuple(p.shape) for name, p in given_model.named_parameters()}
+    wanted = {name: tuple(p.shape) for name, p in models.build(spec).named_parameters()}
+    shared = [name for name in wanted if name in given]
+    wrong = [f"{name} is {given[name]} there and {wanted[name]} here" for name in shared if given[name] != wanted[name]]
+    if wrong:
+        raise ConfigError(f"train.init_from={source}: {'; '.join(wrong)}: give this model the sizes that one has "
+                          f"(train.user_dim, train.item_dim)")
+    if not shared:
+        raise ConfigError(f"train.init_from={source} is a {given_manifest['spec']['model']} model that shares no "
+                          f"parameter with this {spec['model']} model")
+    log.info("train: %s start from %s", ", ".join(shared), source)
+    return {"weights": f"{source.rstrip('/')}/model.pt", "names": shared}
+
+
+def make_job(cfg: Config, data_dir: str, data: dict, spec: dict, work: str, resume: bool,
+             init: dict | None = None) -> dict:
     """Everything a rank needs, as plain picklable values."""
-    return {"train": vars(cfg.train).copy(), "spec": spec, "resume": resume,
+    return {"train": vars(cfg.train).copy(), "spec": spec, "resume": resume, "init": init,
             "item_genres": item_genres(read_table(data_dir, data, "items"), spec),
             "train_url": storage.url(f"{data_dir.rstrip('/')}/{data['paths']['train']}"),
             "valid_url": storage.url(f"{data_dir.rstrip('/')}/{data['paths']['valid']}"),
@@ -85,12 +112,13 @@ def train(spark: SparkSession, cfg: Config, data_dir: str, out: str, resume: boo
     import horovod.spark
 
     data, spec = check(spark, cfg, data_dir)
+    init = initial_parameters(cfg, spec, data_dir, out)
     work = f"{out.rstrip('/')}.checkpoint"
     fs, plain_work = storage.filesystem(work)
     if not resume and fs.exists(plain_work):
         fs.rm(plain_work, recursive=True)
     fs.makedirs(plain_work, exist_ok=True)
-    job = make_job(cfg, data_dir, data, spec, work, resume)
+    job = make_job(cfg, data_dir, data, spec, work, resume, init)
     log.info("train: %s on %s ratings, %d ranks", cfg.train.model, f"{data['counts']['train']:,}", cfg.train.num_proc)
     started = time.time()
     results = sorted(horovod.spark.run(rank_main, args=(job,), num_proc=cfg.train.num_proc, verbose=0),
@@ -121,6 +149,22 @@ def load_model(model_dir: str) -> tuple[models.RatingModel, dict]:
     return model.eval(), manifest
 
 
+def model_and_data(model_dir: str, data_dir: str | None) -> tuple[str, dict]:
+    """The prepared data a model was trained on (its own record unless data_dir is given), checked unchanged."""
+    model_manifest = storage.read_manifest(model_dir, "train")
+    data_dir = data_dir or model_manifest["data"]["path"]
+    data = storage.read_manifest(data_dir, "prepare")
+    trained_on = model_manifest["data"]
+    if data["created_at"] != trained_on["created_at"]:
+        if storage.url(data_dir) == storage.url(trained_on["path"]):
+            raise StageError(f"{model_dir} was trained on the {data_dir} written at {trained_on['created_at']}, "
+                             f"which has since been rewritten ({data['created_at']}): train again")
+        raise StageError(f"{model_dir} was trained on {trained_on['path']} (written at {trained_on['created_at']}), "
+                         f"not on {data_dir} (written at {data['created_at']}): give the data it was trained on, "
+                         f"or train on {data_dir}")
+    return data_dir, data
+
+
 def plot_history(history: list[dict], path: str, title: str) -> None:
     import matplotlib
 
@@ -142,6 +186,7 @@ def plot_history(history: list[dict], path: str, title: str) -> None:
 
 def summary(manifest: dict, out: str) -> str:
     m = manifest["metrics"]
-    return (f"trained {manifest['spec']['model']} -> {out}\n  validation RMSE {m['valid_rmse']:.4f}, "
+    start = f" (started from {manifest['train']['init_from']})" if manifest["train"].get("init_from") else ""
+    return (f"trained {manifest['spec']['model']}{start} -> {out}\n  validation RMSE {m['valid_rmse']:.4f}, "
             f"MAE {m['valid_mae']:.4f} (best epoch {m['best_epoch']} of {m['epochs_run']}), "
             f"{manifest['seconds']:.0f} s on {len(manifest['ranks'])} ranks")

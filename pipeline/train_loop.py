@@ -156,6 +156,11 @@ def rank_main(job: dict) -> dict:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         state = checkpoint["state"]
+    elif rank == 0 and job["init"]:  # train.init_from: the other ranks get these values by the broadcast below
+        start, params = load(job["init"]["weights"]), dict(model.named_parameters())
+        with torch.no_grad():
+            for name in job["init"]["names"]:
+                params[name].copy_(start[name])
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
     hvd.broadcast_optimizer_state(optimizer, root_rank=0)
     best_model = state.pop("best_model")  # only rank 0 keeps the best weights

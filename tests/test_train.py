@@ -106,6 +106,26 @@ def test_other_models_learn(spark, synthetic, tmp_path, model, extra, bound):
     assert valid_rmse_of(tmp_path / model, data) == pytest.approx(m["metrics"]["valid_rmse"], abs=1e-4)
 
 
+def test_dmf_starts_from_a_trained_mf(spark, synthetic, tmp_path):
+    data, truth = synthetic
+    train.train(spark, cfg(), str(data), str(tmp_path / "mf"))
+    dmf = ["train.model=dmf", "train.hidden=[32]", "train.epochs=2", f"train.init_from={tmp_path / 'mf'}"]
+    m = train.train(spark, cfg(*dmf), str(data), str(tmp_path / "dmf"))
+    assert m["train"]["init_from"] == str(tmp_path / "mf")
+    # Two epochs move the copied rows a little; fresh tables would be unrelated to mf's.
+    mf_state = torch.load(tmp_path / "mf" / "model.pt", weights_only=True)
+    dmf_state = torch.load(tmp_path / "dmf" / "model.pt", weights_only=True)
+    for name in ("user_embedding.weight", "item_embedding.weight", "user_bias.weight", "item_bias.weight"):
+        assert np.corrcoef(mf_state[name].flatten(), dmf_state[name].flatten())[0, 1] > 0.9, name
+    # Started from mf, two epochs reach the bound that a fresh dmf needs twelve for (test_other_models_learn).
+    assert m["metrics"]["valid_rmse"] <= 1.4 * truth["oracle_rmse"], (m["metrics"], truth["oracle_rmse"])
+    with pytest.raises(ConfigError, match=r"user_embedding.weight is \(600, 16\) there and \(600, 8\) here"):
+        train.train(spark, cfg(*dmf, "train.user_dim=8"), str(data), str(tmp_path / "small"))
+    with pytest.raises(ConfigError, match="output directory"):
+        train.train(spark, cfg(*dmf), str(data), str(tmp_path / "mf"))
+    assert not (tmp_path / "small").exists()
+
+
 def test_bad_configuration_fails_before_any_rank_starts(spark, synthetic, tmp_path):
     data, _ = synthetic
     with pytest.raises(ConfigError, match="train.model must be one of"):
