@@ -2,7 +2,8 @@
 allreduce variants reach the same accuracy.
 
     .venv/bin/python benchmarks/train_bench.py                # samples/s table
-    .venv/bin/python benchmarks/train_bench.py --accuracy-data work/prepared/ml-100k --config conf/ml-100k.yaml
+    .venv/bin/python benchmarks/train_bench.py --accuracy-data work/prepared/ml-100k --config conf/ml-100k.yaml \\
+        --models mf --optimizers adagrad --set train.item_history=false    # same accuracy?
 
 Throughput: each variant (model x optimizer x dense allreduce, fp16-compressed allreduce, or sparse
 gradients) runs through the real launcher for a few epochs; samples/s is that of the training steps of
@@ -13,6 +14,8 @@ early stopping on a real split, compared by validation RMSE. Writes docs/benchma
 from __future__ import annotations
 
 import argparse
+import shlex
+import sys
 import time
 from pathlib import Path
 
@@ -65,22 +68,26 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=32)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--models", default="mf,dmf")
+    parser.add_argument("--optimizers", default="adam,adagrad", help="the variants of these optimizers only")
     parser.add_argument("--accuracy-data", help="a prepared real split: train each variant to early stopping")
     parser.add_argument("--config", help="config for the accuracy runs (e.g. conf/ml-100k.yaml)")
+    parser.add_argument("--set", action="append", default=[], help="override for the accuracy runs, e.g. "
+                                                                    "train.item_history=false (sparse gradients need it)")
     parser.add_argument("--work", default=str(WORK))
     parser.add_argument("--out", help="default docs/benchmarks/train-throughput.md or train-accuracy.md")
     args = parser.parse_args()
+    variants = [v for v in VARIANTS if v[0] in args.optimizers.split(",")]
     spark = session(config.load().spark)
     lines = [f"# training benchmark\n\nWritten by `benchmarks/train_bench.py`. Machine: {machine()}.\n"]
     if args.accuracy_data:
         lines += [f"## Accuracy of the gradient exchange variants on {args.accuracy_data}\n",
-                  f"`{' '.join(['benchmarks/train_bench.py', '--accuracy-data', args.accuracy_data, '--config', str(args.config)])}`, "
+                  f"`{' '.join(shlex.quote(a) for a in ['benchmarks/train_bench.py', *sys.argv[1:]])}`, "
                   "2 ranks, trained to early stopping.\n",
                   "| model | optimizer | gradients | valid RMSE | best epoch | seconds |", "| --- | --- | --- | --- | --- | --- |"]
         for model in args.models.split(","):
-            for optimizer, gradients in VARIANTS:
+            for optimizer, gradients in variants:
                 m = run(spark, args.config, args.accuracy_data, f"{args.work}/acc-{model}-{optimizer}-{gradients}",
-                        [f"train.model={model}", *overrides(optimizer, gradients)])
+                        [*args.set, f"train.model={model}", *overrides(optimizer, gradients)])
                 row = (f"| {model} | {optimizer} | {gradients} | {m['metrics']['valid_rmse']:.4f} | "
                        f"{m['metrics']['best_epoch']} | {m['seconds']:.0f} |")
                 print(row, flush=True)
@@ -98,7 +105,7 @@ def main() -> None:
                   "| model | optimizer | gradients | ranks | samples/s | x plain loop |", "| --- | --- | --- | --- | --- | --- |"]
         print(lines[-3], flush=True)
         for model in args.models.split(","):
-            for optimizer, gradients in VARIANTS:
+            for optimizer, gradients in variants:
                 for ranks in (2, 1) if (optimizer, gradients) == VARIANTS[0] else (2,):
                     settings = [f"train.model={model}", f"train.num_proc={ranks}", f"train.epochs={args.epochs}",
                                 f"train.user_dim={args.dim}", f"train.item_dim={args.dim}",
