@@ -210,9 +210,12 @@ def bench_dataset(spark, name: str, conf: str | None, overrides: list[str], data
     als, tried = run_als(spark, cfg, data_dir, data, grid, repeat, f"{work}/{name}")
     rows = [als]
     sparse = data["counts"]["users"] + data["counts"]["items"] > SPARSE_ABOVE
-    for model in models:
-        rows.append(run_model(spark, model_config(conf, overrides, model, sparse, f"{work}/{name}"), data_dir, repeat,
-                              f"{work}/{name}"))
+    for n, model in enumerate(models):
+        cfg_model = model_config(conf, overrides, model, sparse, f"{work}/{name}")
+        if cfg_model.train.init_from and "mf" not in models[:n]:
+            raise SystemExit(f"{model} starts from this run's mf (train.init_from in {conf}): list mf before it "
+                             f"in --models")
+        rows.append(run_model(spark, cfg_model, data_dir, repeat, f"{work}/{name}"))
         print({k: v for k, v in rows[-1].items() if k != "curve"}, flush=True)
     return {"name": name, "real": is_real(name), "data_dir": data_dir, "conf": conf, "overrides": overrides,
             "counts": data["counts"], "split": data.get("split", {}), "repeat": repeat, "rows": rows,

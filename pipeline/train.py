@@ -7,6 +7,7 @@ import time
 
 import numpy as np
 import pandas as pd
+import torch
 from pyspark.sql import SparkSession
 
 from pipeline import models, storage
@@ -82,19 +83,21 @@ def initial_parameters(cfg: Config, spec: dict, data_dir: str, out: str) -> dict
         raise ConfigError(f"train.init_from={source} is this run's output directory: write the new model elsewhere "
                           f"(--out or --run)")
     model_and_data(source, data_dir)
-    given_model, given_manifest = load_model(source)
-    given = {name: tuple(p.shape) for name, p in given_model.named_parameters()}
-    wanted = {name: tuple(p.shape) for name, p in models.build(spec).named_parameters()}
+    weights = f"{source.rstrip('/')}/model.pt"
+    given = {name: tuple(value.shape) for name, value in load(weights).items()}
+    with torch.device("meta"):  # shapes only: no memory for the tables
+        wanted = {name: tuple(p.shape) for name, p in models.build(spec).named_parameters()}
     shared = [name for name in wanted if name in given]
     wrong = [f"{name} is {given[name]} there and {wanted[name]} here" for name in shared if given[name] != wanted[name]]
     if wrong:
-        raise ConfigError(f"train.init_from={source}: {'; '.join(wrong)}: give this model the sizes that one has "
-                          f"(train.user_dim, train.item_dim)")
+        raise ConfigError(f"train.init_from={source}: parameters of the same name must have the same shape, and "
+                          f"{'; '.join(wrong)} (train.user_dim and train.item_dim set the embeddings')")
     if not shared:
-        raise ConfigError(f"train.init_from={source} is a {given_manifest['spec']['model']} model that shares no "
-                          f"parameter with this {spec['model']} model")
+        kind = storage.read_manifest(source, "train")["spec"]["model"]
+        raise ConfigError(f"train.init_from={source} is a {kind} model that shares no parameter with this "
+                          f"{spec['model']} model")
     log.info("train: %s start from %s", ", ".join(shared), source)
-    return {"weights": f"{source.rstrip('/')}/model.pt", "names": shared}
+    return {"weights": weights, "names": shared}
 
 
 def make_job(cfg: Config, data_dir: str, data: dict, spec: dict, work: str, resume: bool,

@@ -144,7 +144,7 @@ def rank_main(job: dict) -> dict:
         # Sparse gradients hold only the rows a batch touched; Horovod allgathers them instead of
         # allreducing whole tables, and the optimizer updates only those rows. Bias tables (one column)
         # stay dense: allreducing one float a row costs less than gathering, sorting and merging a batch's
-        # rows (mf at 138K x 27K, 2 CPU ranks: 1.3-1.5x the samples/s).
+        # rows (mf at 138K x 27K, 2 CPU ranks: 1.15-1.3x the samples/s).
         table.sparse = t["sparse_gradients"] and table.embedding_dim > 1
     lr = t["lr"] * (size if t["scale_lr"] else 1)
     optimizer = make_optimizer(t["optimizer"], model, lr, t["weight_decay"])
