@@ -164,22 +164,26 @@ def settings_of(t: TrainConfig) -> str:
     return ", ".join(f"{k}={v}" for k, v in vars(t).items() if k not in skip and v != getattr(default, k))
 
 
+def model_dir(work: str, model: str) -> str:
+    return f"{work}/model-{model}"
+
+
 def run_model(spark, cfg, data_dir: str, repeat: int, work: str) -> dict:
     name, k = cfg.train.model, cfg.evaluate.k
-    model_dir = f"{work}/model-{name}"
+    directory = model_dir(work, name)
     with PeakMemory() as memory:
         train_s = []
         for _ in range(repeat):
             started = time.time()
-            manifest = train.train(spark, cfg, data_dir, model_dir)
+            manifest = train.train(spark, cfg, data_dir, directory)
             train_s.append(time.time() - started)
-        report = evaluate.evaluate(spark, cfg, model_dir, data_dir, f"{work}/report-{name}")
-        recommend_s = timed(lambda: recommend.recommend(spark, cfg, model_dir, data_dir, f"{work}/recs-{name}"),
+        report = evaluate.evaluate(spark, cfg, directory, data_dir, f"{work}/report-{name}")
+        recommend_s = timed(lambda: recommend.recommend(spark, cfg, directory, data_dir, f"{work}/recs-{name}"),
                             repeat)
     history = manifest["history"]
     # Elapsed time after each epoch, counting the start (Horovod ranks, reading shards) as the first run's.
     elapsed = np.cumsum([h["seconds"] for h in history]) + (train_s[-1] - sum(h["seconds"] for h in history))
-    return {"method": name, "settings": settings_of(cfg.train), "model_dir": model_dir,
+    return {"method": name, "settings": settings_of(cfg.train), "model_dir": directory,
             "rmse": report["rating"]["rmse"], "mae": report["rating"]["mae"],
             "ndcg": report["ranking"][f"ndcg@{k}"], "recall": report["ranking"][f"recall@{k}"],
             "train_s": train_s, "recommend_s": recommend_s, "peak_gib": memory.peak / 2**30,
@@ -190,13 +194,14 @@ def run_model(spark, cfg, data_dir: str, repeat: int, work: str) -> dict:
 
 def model_config(conf: str | None, overrides: list[str], model: str, sparse: bool, work: str):
     settings = [*overrides, f"train.model={model}"]
-    if config.load(conf, settings).train.init_from:
+    tuned = config.load(conf, settings).train
+    if tuned.init_from:
         # The config's init_from is where a plain run leaves its mf; here it is the mf this bench trained.
-        settings.append(f"train.init_from={work}/model-mf")
+        settings.append(f"train.init_from={model_dir(work, 'mf')}")
     if sparse:
         # Adam takes dense gradients only: a model tuned with it takes the other models' Adagrad settings.
         # The item history needs the dense allreduce too: these catalogs train without it.
-        adam = config.load(conf, settings).train.optimizer == "adam"
+        adam = tuned.optimizer == "adam"
         settings += [*(["train.optimizer=adagrad", "train.lr=0.05"] if adam else []), "train.sparse_gradients=true",
                      "train.item_history=false"]
     return config.load(conf, settings)
@@ -206,15 +211,15 @@ def bench_dataset(spark, name: str, conf: str | None, overrides: list[str], data
                   grid: list, repeat: int, work: str) -> dict:
     """ALS (searched over `grid`) and each model on the prepared split in data_dir: one result row each."""
     data = storage.read_manifest(data_dir, "prepare")
-    cfg = config.load(conf, overrides)
-    als, tried = run_als(spark, cfg, data_dir, data, grid, repeat, f"{work}/{name}")
-    rows = [als]
     sparse = data["counts"]["users"] + data["counts"]["items"] > SPARSE_ABOVE
-    for n, model in enumerate(models):
-        cfg_model = model_config(conf, overrides, model, sparse, f"{work}/{name}")
+    configs = [model_config(conf, overrides, model, sparse, f"{work}/{name}") for model in models]
+    for n, (model, cfg_model) in enumerate(zip(models, configs)):  # before the minutes of the ALS search
         if cfg_model.train.init_from and "mf" not in models[:n]:
             raise SystemExit(f"{model} starts from this run's mf (train.init_from in {conf}): list mf before it "
                              f"in --models")
+    als, tried = run_als(spark, config.load(conf, overrides), data_dir, data, grid, repeat, f"{work}/{name}")
+    rows = [als]
+    for cfg_model in configs:
         rows.append(run_model(spark, cfg_model, data_dir, repeat, f"{work}/{name}"))
         print({k: v for k, v in rows[-1].items() if k != "curve"}, flush=True)
     return {"name": name, "real": is_real(name), "data_dir": data_dir, "conf": conf, "overrides": overrides,
