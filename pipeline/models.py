@@ -214,15 +214,35 @@ class RatingModel(nn.Module):
         return self._pair(self._users(users), self._items(items))
 
     def loss(self, users: torch.Tensor, items: torch.Tensor, ratings: torch.Tensor,
-             in_history: torch.Tensor | None = None) -> torch.Tensor:
+             in_history: torch.Tensor | None = None, l2: float = 0.0, bias_l2: float = 0.0) -> torch.Tensor:
         """Training loss on (user, item, rating) triples; `in_history` tells which of them the item history
-        holds (by default all, as when every training rating is in it)."""
+        holds (by default all, as when every training rating is in it). Plus the mean over the batch of l2 x
+        the squared norms of the embedding rows the batch uses and bias_l2 x their squared biases: rows are
+        penalised as often as they are used, as in SGD on MF."""
         if in_history is None:
             in_history = torch.ones_like(users, dtype=torch.bool)
-        out = self._pair(self._users(users), self._items(items, leave_out=(users, ratings, in_history)))
+        user_tables, item_tables = self.tables()
+        biases = [self.user_bias, self.item_bias] if self.user_bias is not None else []
+        # The penalty reuses the rows the forward pass looked up: a second lookup would cost its own backward
+        # and, under sparse gradients, double the rows that the ranks exchange and the optimizer applies.
+        rows = {}
+        hooks = [t.register_forward_hook(lambda table, args, out: rows.setdefault(table, out))
+                 for t in [*user_tables, *item_tables, *biases]]
+        try:
+            out = self._pair(self._users(users), self._items(items, leave_out=(users, ratings, in_history)))
+        finally:
+            for hook in hooks:
+                hook.remove()
         if self.softmax:
-            return F.cross_entropy(out, self.level_index(ratings))
-        return F.mse_loss(out, ratings.to(out.dtype))
+            fit = F.cross_entropy(out, self.level_index(ratings))
+        else:
+            fit = F.mse_loss(out, ratings.to(out.dtype))
+        if not (l2 or bias_l2):
+            return fit
+        penalty = l2 * sum(rows[t].pow(2).sum(-1) for t in [*user_tables, *item_tables])
+        if biases:
+            penalty = penalty + bias_l2 * sum(rows[t].squeeze(-1).pow(2) for t in biases)
+        return fit + penalty.mean()
 
     def level_index(self, ratings: torch.Tensor) -> torch.Tensor:
         return level_index(ratings, self.levels)
@@ -247,15 +267,6 @@ class RatingModel(nn.Module):
         scores = [to_rating(self._grid(u, self._items(items[s:s + item_chunk])))
                   for s in range(0, len(items), item_chunk)]
         return torch.cat(scores, dim=1) if scores else self.levels.new_zeros((len(users), 0))
-
-    def regularizer(self, users: torch.Tensor, items: torch.Tensor, l2: float, bias_l2: float) -> torch.Tensor:
-        """Mean over the batch of l2 x the squared norms of the embedding rows the batch uses, plus
-        bias_l2 x their squared biases: rows are penalised as often as they are used, as in SGD on MF."""
-        user_tables, item_tables = self.tables()
-        total = l2 * (sum(t(users).pow(2).sum(-1) for t in user_tables) + sum(t(items).pow(2).sum(-1) for t in item_tables))
-        if self.user_bias is not None:
-            total = total + bias_l2 * (self.user_bias(users).squeeze(-1) ** 2 + self.item_bias(items).squeeze(-1) ** 2)
-        return total.mean()
 
     def user_vectors(self) -> torch.Tensor:
         return self.user_embedding.weight

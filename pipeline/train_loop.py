@@ -196,9 +196,7 @@ def rank_main(job: dict) -> dict:
             idx = order[step * batch:(step + 1) * batch]
             u, i, r = train[0][idx], train[1][idx], train[2][idx]
             optimizer.zero_grad()
-            loss = model.loss(u, i, r, in_history[idx])
-            if t["l2"] > 0 or bias_l2 > 0:
-                loss = loss + model.regularizer(u, i, t["l2"], bias_l2)
+            loss = model.loss(u, i, r, in_history[idx], t["l2"], bias_l2)
             if model.rater_bag is not None and t["history_l2"] > 0:
                 loss = loss + t["history_l2"] / steps * model.rater_bag.weight.pow(2).sum()
             loss.backward()

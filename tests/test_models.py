@@ -76,7 +76,7 @@ def test_shapes(model, head):
     assert out.shape == ((4, 5) if head == "softmax" else (4,))
     assert m.predict(users, items).shape == (4,)
     assert m.loss(users, items, ratings).ndim == 0 and torch.isfinite(m.loss(users, items, ratings))
-    assert m.regularizer(users, items, 1.0, 1.0).ndim == 0 and m.regularizer(users, items, 1.0, 1.0) > 0
+    assert m.loss(users, items, ratings, l2=1.0, bias_l2=1.0) > m.loss(users, items, ratings)
     assert m.eval().score_all(users, torch.arange(N_ITEMS), item_chunk=5).shape == (4, N_ITEMS)
     assert m.user_vectors().shape[0] == N_USERS and m.item_vectors().shape[0] == N_ITEMS
     assert "item_genres" in m.state_dict() and torch.equal(m.state_dict()["item_genres"], genre_matrix())
@@ -201,7 +201,31 @@ def test_regression_loss_is_mse_and_l2_covers_the_batch_rows():
     p, q = m.user_embedding.weight, m.item_embedding.weight
     bu, bi = m.user_bias.weight[:, 0], m.item_bias.weight[:, 0]
     by_row = 0.3 * ((p[users] ** 2).sum(1) + (q[items] ** 2).sum(1)) + 0.1 * (bu[users] ** 2 + bi[items] ** 2)
-    assert torch.allclose(m.regularizer(users, items, 0.3, 0.1), by_row.mean())
+    assert torch.allclose(m.loss(users, items, ratings, l2=0.3, bias_l2=0.1),
+                          ((m(users, items) - ratings) ** 2).mean() + by_row.mean())
+
+
+@pytest.mark.parametrize("model,head", VALID)
+def test_the_l2_reuses_the_rows_of_the_forward_pass(model, head):
+    """Each table is looked up once a step, so a sparse gradient holds one row per pair (not two), and the L2
+    is the same as penalising fresh lookups of every table the model names."""
+    torch.manual_seed(0)
+    m = models.build(spec(model, head, genres=True), genre_matrix())
+    users, items, ratings = torch.tensor([0, 5, 12, 5]), torch.tensor([16, 0, 3, 3]), torch.tensor([1.0, 5, 3, 4])
+    user_tables, item_tables = m.tables()
+    biases = [m.user_bias, m.item_bias] if m.user_bias is not None else []
+    for t in [*user_tables, *item_tables]:
+        t.sparse = True
+    torch.manual_seed(1)  # the same dropout masks for both losses
+    loss = m.loss(users, items, ratings, l2=0.3, bias_l2=0.1)
+    torch.manual_seed(1)
+    plain = m.loss(users, items, ratings)
+    fresh = 0.3 * sum(t(users).pow(2).sum(-1) for t in user_tables) + 0.3 * sum(t(items).pow(2).sum(-1) for t in item_tables)
+    fresh = fresh + 0.1 * sum(t(x).squeeze(-1).pow(2) for t, x in zip(biases, (users, items)))
+    assert torch.allclose(loss, plain + fresh.mean())
+    loss.backward()
+    for t in [*user_tables, *item_tables]:
+        assert t.weight.grad.is_sparse and t.weight.grad._nnz() == len(users)
 
 
 def test_genres_shape_the_item_vectors():
@@ -235,7 +259,7 @@ def held_out_rmse(s: dict, steps: int, lr: float, l2: float) -> tuple[float, flo
     optimizer = torch.optim.Adam(m.parameters(), lr=lr)
     for _ in range(steps):
         optimizer.zero_grad()
-        loss = m.loss(users[train], items[train], ratings[train]) + m.regularizer(users[train], items[train], l2, l2)
+        loss = m.loss(users[train], items[train], ratings[train], l2=l2, bias_l2=l2)
         loss.backward()
         optimizer.step()
     m.eval()
