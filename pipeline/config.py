@@ -139,8 +139,9 @@ class Config:
             (self.train.model in TrainConfig.MODELS, f"train.model must be one of {TrainConfig.MODELS}, not {self.train.model!r}"),
             (self.train.head in TrainConfig.HEADS, f"train.head must be one of {TrainConfig.HEADS}"),
             (self.train.optimizer in TrainConfig.OPTIMIZERS, f"train.optimizer must be one of {TrainConfig.OPTIMIZERS}"),
-            (not self.train.sparse_gradients or self.train.optimizer in ("sgd", "adagrad"),
-             "train.sparse_gradients needs train.optimizer sgd or adagrad (torch's Adam takes dense gradients only)"),
+            (not self.train.sparse_gradients or self.train.optimizer == "adagrad",
+             "train.sparse_gradients needs train.optimizer adagrad (torch's Adam takes dense gradients only, and "
+             "SGD's momentum would grow a sparse buffer every step)"),
             (not (self.train.sparse_gradients and self.train.item_history),
              "train.item_history touches the rater vector of nearly every user at every step: it needs the dense "
              "allreduce, not train.sparse_gradients"),

@@ -16,7 +16,7 @@ import warnings
 import numpy as np
 import torch
 
-from pipeline import metrics, models
+from pipeline import metrics, models, optim
 from pipeline.storage import filesystem
 
 COLUMNS = ("user_idx", "item_idx", "rating")
@@ -56,7 +56,7 @@ def make_optimizer(name: str, model, lr: float, weight_decay: float):
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=0.9)
     if name == "adagrad":
-        return torch.optim.Adagrad(groups, lr=lr)
+        return optim.Adagrad(groups, lr=lr)
     return torch.optim.Adam(groups, lr=lr)
 
 

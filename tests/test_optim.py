@@ -1,0 +1,54 @@
+"""pipeline.optim.Adagrad against torch's Adagrad: the same steps from the same gradients."""
+import copy
+
+import pytest
+import torch
+
+from pipeline import optim
+
+
+def sparse_model():
+    torch.manual_seed(0)
+    return torch.nn.ModuleDict({"table": torch.nn.Embedding(50, 8, sparse=True), "dense": torch.nn.Linear(8, 1)})
+
+
+def train(model, optimizer, steps=5):
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        rows = torch.randint(0, 12, (40,), generator=g)  # few rows, so most of them come more than once
+        model["dense"](model["table"](rows)).pow(2).mean().backward()
+        optimizer.step()
+
+
+def test_sparse_rows_step_like_torch_adagrad():
+    ours, theirs = sparse_model(), sparse_model()
+    mine = optim.Adagrad(ours.parameters(), lr=0.1)
+    train(ours, mine)
+    train(theirs, torch.optim.Adagrad(theirs.parameters(), lr=0.1))
+    for name, p in ours.named_parameters():
+        assert torch.allclose(p, dict(theirs.named_parameters())[name], atol=1e-6), name
+    assert not torch.equal(ours["table"].weight, sparse_model()["table"].weight)  # it did move
+    # rows no batch touched keep their values and their zero sums
+    assert torch.equal(ours["table"].weight[12:], sparse_model()["table"].weight[12:])
+    assert torch.count_nonzero(mine.state[ours["table"].weight]["sum"][12:]) == 0
+    assert ours["table"].weight.grad is not None and ours["table"].weight.grad.is_sparse  # step leaves the gradient
+
+
+def test_state_round_trips_for_a_resumed_run():
+    model = sparse_model()
+    first = optim.Adagrad(model.parameters(), lr=0.1)
+    train(model, first, steps=3)
+    resumed = copy.deepcopy(model)
+    again = optim.Adagrad(resumed.parameters(), lr=0.1)
+    again.load_state_dict(copy.deepcopy(first.state_dict()))  # as read back from a checkpoint file
+    train(model, first, steps=2)
+    train(resumed, again, steps=2)
+    assert torch.equal(model["table"].weight, resumed["table"].weight)
+
+
+def test_sparse_gradients_refuse_weight_decay():
+    model = sparse_model()
+    optimizer = optim.Adagrad([{"params": model.parameters(), "weight_decay": 0.1}], lr=0.1)
+    with pytest.raises(ValueError, match="weight_decay"):
+        train(model, optimizer, steps=1)
