@@ -35,6 +35,19 @@ def test_sparse_rows_step_like_torch_adagrad():
     assert ours["table"].weight.grad is not None and ours["table"].weight.grad.is_sparse  # step leaves the gradient
 
 
+def test_the_gradient_hook_sums_duplicate_rows_and_changes_no_step():
+    hooked, plain = sparse_model(), sparse_model()
+    hooked["table"].weight.register_hook(optim.Rows(hooked["table"].weight).distinct)
+    rows = torch.tensor([3, 7, 3, 3, 0])
+    hooked["table"](rows).sum().backward()
+    grad = hooked["table"].weight.grad
+    assert sorted(grad._indices()[0].tolist()) == [0, 3, 7]
+    assert torch.equal(grad.to_dense()[3], torch.full((8,), 3.0))
+    train(hooked, optim.Adagrad(hooked.parameters(), lr=0.1))
+    train(plain, optim.Adagrad(plain.parameters(), lr=0.1))
+    assert torch.allclose(hooked["table"].weight, plain["table"].weight, atol=1e-6)
+
+
 def test_state_round_trips_for_a_resumed_run():
     model = sparse_model()
     first = optim.Adagrad(model.parameters(), lr=0.1)
