@@ -142,6 +142,9 @@ class Config:
             (not self.train.sparse_gradients or self.train.optimizer == "adagrad",
              "train.sparse_gradients needs train.optimizer adagrad (torch's Adam takes dense gradients only, and "
              "SGD's momentum would grow a sparse buffer every step)"),
+            (not (self.train.sparse_gradients and self.train.fp16_allreduce),
+             "train.fp16_allreduce compresses the dense allreduce; Horovod's sparse allgather cannot take it, so "
+             "choose one of train.sparse_gradients and train.fp16_allreduce"),
             (not (self.train.sparse_gradients and self.train.item_history),
              "train.item_history touches the rater vector of nearly every user at every step: it needs the dense "
              "allreduce, not train.sparse_gradients"),

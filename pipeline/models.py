@@ -226,8 +226,11 @@ class RatingModel(nn.Module):
         # The penalty reuses the rows the forward pass looked up: a second lookup would cost its own backward
         # and, under sparse gradients, double the rows that the ranks exchange and the optimizer applies.
         rows = {}
-        hooks = [t.register_forward_hook(lambda table, args, out: rows.setdefault(table, out))
-                 for t in [*user_tables, *item_tables, *biases]]
+
+        def keep(table, args, out):
+            rows.setdefault(table, out)  # returns None, so the output stays the table's own
+
+        hooks = [t.register_forward_hook(keep) for t in [*user_tables, *item_tables, *biases]] if l2 or bias_l2 else []
         try:
             out = self._pair(self._users(users), self._items(items, leave_out=(users, ratings, in_history)))
         finally:

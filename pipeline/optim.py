@@ -1,10 +1,11 @@
-"""Adagrad whose sparse gradients on the CPU are applied by one compiled kernel, without a sort.
+"""Adagrad whose sparse gradients on the CPU are applied by compiled kernels, without a sort.
 
-Under train.sparse_gradients an embedding table's gradient holds one row per pair of the ranks' batches,
-duplicates included. torch's Adagrad first coalesces it (sorts the rows and sums the duplicates) and then
-takes several passes over them; on 2 CPU ranks at 138K x 27K that was most of a step. Here one pass sums the
-duplicates into a scratch row each and a second applies Adagrad to every row touched: the same arithmetic, so
-the same result to float rounding. Dense gradients and GPU tensors go to torch's Adagrad.
+Under train.sparse_gradients an embedding table's gradient holds the rows of the ranks' batches, the same row
+once per rank that touched it (`Rows.distinct`, a gradient hook, sums a batch's duplicates before the ranks
+exchange them). torch's Adagrad first coalesces it (sorts the rows and sums the duplicates) and then takes
+several passes over them; on 2 CPU ranks at 138K x 27K that was most of a step. Here one pass sums the
+duplicates into a scratch row each and a second applies Adagrad to every row touched, in float32 as torch does.
+Dense gradients and GPU tensors go to torch's Adagrad.
 """
 from __future__ import annotations
 
@@ -20,26 +21,32 @@ class Adagrad(torch.optim.Adagrad):
         super().__init__(*args, **kwargs)
         self._rows: dict[torch.Tensor, Rows] = {}
 
+    def __setstate__(self, state):  # a copy starts with fresh scratch arrays
+        super().__setstate__(state)
+        self._rows = {}
+
     @torch.no_grad()
     def step(self, closure=None):
         if closure is not None:
             raise ValueError("this Adagrad takes no closure")
+        sparse = [(p, group) for group in self.param_groups for p in group["params"]
+                  if p.grad is not None and p.grad.is_sparse and p.device.type == "cpu"]
+        if any(group["weight_decay"] or group["maximize"] for _, group in sparse):
+            raise ValueError("sparse gradients take neither weight_decay nor maximize")
         applied = []
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None or not p.grad.is_sparse or p.device.type != "cpu":
-                    continue
-                if group["weight_decay"] or group["lr_decay"]:
-                    raise ValueError("sparse gradients take neither weight_decay nor lr_decay")
+        try:
+            for p, group in sparse:
                 state = self.state[p]
                 state["step"] += 1
-                rows = self._rows.setdefault(p, Rows(p))
-                rows.add(p.grad)
-                kernels().adagrad_rows(p.detach().numpy(), state["sum"].numpy(), group["lr"], group["eps"], rows.slot,
-                                       rows.sums)
+                lr = float(group["lr"]) / (1 + (float(state["step"]) - 1) * group["lr_decay"])
+                if p not in self._rows:
+                    self._rows[p] = Rows(p)
+                self._rows[p].add(p.grad)
+                weight = p.detach().numpy()
+                kernels().adagrad_rows(weight, state["sum"].numpy(), weight.dtype.type(lr),
+                                       weight.dtype.type(group["eps"]), self._rows[p].slot, self._rows[p].sums)
                 applied.append((p, p.grad))
                 p.grad = None  # hidden from torch's step below, which would apply it again
-        try:
             return super().step()
         finally:
             for p, grad in applied:
@@ -52,7 +59,7 @@ class Rows:
 
     def __init__(self, table: torch.Tensor):
         self.slot = np.full(table.shape[0], -1, dtype=np.int64)
-        self.sums = np.empty((0, table.shape[1]), table.detach().numpy().dtype)
+        self.sums = np.empty((0, table.shape[1]), torch.empty(0, dtype=table.dtype).numpy().dtype)
         self.order = np.empty(0, dtype=np.int64)  # the rows, in the order of their places
 
     def add(self, grad: torch.Tensor) -> int:

@@ -30,8 +30,11 @@ def test_bad_keys_are_named(tmp_path):
         config.load(write(tmp_path, "models: {svd: {l2: 0.1}}\n"))
     with pytest.raises(ConfigError, match="unknown config key train.l3"):
         config.load(write(tmp_path, "models: {mf: {l3: 0.1}}\n"))
-    with pytest.raises(ConfigError, match="sparse_gradients needs"):
-        config.load(overrides=["train.sparse_gradients=true", "train.optimizer=adam"])
+    for optimizer in ("adam", "sgd"):
+        with pytest.raises(ConfigError, match="sparse_gradients needs train.optimizer adagrad"):
+            config.load(overrides=["train.sparse_gradients=true", f"train.optimizer={optimizer}"])
+    with pytest.raises(ConfigError, match="choose one of train.sparse_gradients and train.fp16_allreduce"):
+        config.load(overrides=["train.sparse_gradients=true", "train.optimizer=adagrad", "train.fp16_allreduce=true"])
     with pytest.raises(ConfigError, match="lr_decay"):
         config.load(overrides=["train.lr_decay=0"])
     with pytest.raises(ConfigError, match="item_history .* needs the dense allreduce"):

@@ -21,11 +21,12 @@ def train(model, optimizer, steps=5):
         optimizer.step()
 
 
-def test_sparse_rows_step_like_torch_adagrad():
+@pytest.mark.parametrize("lr_decay", [0.0, 0.5])
+def test_sparse_rows_step_like_torch_adagrad(lr_decay):
     ours, theirs = sparse_model(), sparse_model()
-    mine = optim.Adagrad(ours.parameters(), lr=0.1)
+    mine = optim.Adagrad(ours.parameters(), lr=0.1, lr_decay=lr_decay)
     train(ours, mine)
-    train(theirs, torch.optim.Adagrad(theirs.parameters(), lr=0.1))
+    train(theirs, torch.optim.Adagrad(theirs.parameters(), lr=0.1, lr_decay=lr_decay))
     for name, p in ours.named_parameters():
         assert torch.allclose(p, dict(theirs.named_parameters())[name], atol=1e-6), name
     assert not torch.equal(ours["table"].weight, sparse_model()["table"].weight)  # it did move
@@ -60,8 +61,22 @@ def test_state_round_trips_for_a_resumed_run():
     assert torch.equal(model["table"].weight, resumed["table"].weight)
 
 
-def test_sparse_gradients_refuse_weight_decay():
+@pytest.mark.parametrize("option", [{"weight_decay": 0.1}, {"maximize": True}])
+def test_sparse_gradients_refuse_what_the_kernel_does_not_do(option):
     model = sparse_model()
-    optimizer = optim.Adagrad([{"params": model.parameters(), "weight_decay": 0.1}], lr=0.1)
-    with pytest.raises(ValueError, match="weight_decay"):
+    before = copy.deepcopy(model)
+    optimizer = optim.Adagrad(model.parameters(), lr=0.1, **option)
+    with pytest.raises(ValueError, match=next(iter(option))):
         train(model, optimizer, steps=1)
+    for name, p in model.named_parameters():  # refused before anything moved
+        assert torch.equal(p, dict(before.named_parameters())[name]), name
+
+
+def test_a_copied_optimizer_steps_like_the_original():
+    model = sparse_model()
+    optimizer = optim.Adagrad(model.parameters(), lr=0.1)
+    train(model, optimizer, steps=1)
+    model_copy, optimizer_copy = copy.deepcopy((model, optimizer))  # one copy: the optimizer holds the copy's tables
+    train(model, optimizer, steps=2)
+    train(model_copy, optimizer_copy, steps=2)
+    assert torch.equal(model["table"].weight, model_copy["table"].weight)
