@@ -221,7 +221,7 @@ class RatingModel(nn.Module):
         penalised as often as they are used, as in SGD on MF."""
         if in_history is None:
             in_history = torch.ones_like(users, dtype=torch.bool)
-        user_tables, item_tables = self.tables()
+        tables = [table for side in self.tables() for table in side]
         biases = [self.user_bias, self.item_bias] if self.user_bias is not None else []
         # The penalty reuses the rows the forward pass looked up: a second lookup would cost its own backward
         # and, under sparse gradients, double the rows that the ranks exchange and the optimizer applies.
@@ -230,7 +230,7 @@ class RatingModel(nn.Module):
         def keep(table, args, out):
             rows.setdefault(table, out)  # returns None, so the output stays the table's own
 
-        hooks = [t.register_forward_hook(keep) for t in [*user_tables, *item_tables, *biases]] if l2 or bias_l2 else []
+        hooks = [t.register_forward_hook(keep) for t in [*tables, *biases]] if l2 or bias_l2 else []
         try:
             out = self._pair(self._users(users), self._items(items, leave_out=(users, ratings, in_history)))
         finally:
@@ -242,7 +242,7 @@ class RatingModel(nn.Module):
             fit = F.mse_loss(out, ratings.to(out.dtype))
         if not (l2 or bias_l2):
             return fit
-        penalty = l2 * sum(rows[t].pow(2).sum(-1) for t in [*user_tables, *item_tables])
+        penalty = l2 * sum(rows[t].pow(2).sum(-1) for t in tables)
         if biases:
             penalty = penalty + bias_l2 * sum(rows[t].squeeze(-1).pow(2) for t in biases)
         return fit + penalty.mean()

@@ -39,12 +39,13 @@ class Adagrad(torch.optim.Adagrad):
                 state = self.state[p]
                 state["step"] += 1
                 lr = float(group["lr"]) / (1 + (float(state["step"]) - 1) * group["lr_decay"])
-                if p not in self._rows:
-                    self._rows[p] = Rows(p)
-                self._rows[p].add(p.grad)
+                rows = self._rows.get(p)
+                if rows is None:
+                    rows = self._rows[p] = Rows(p)
+                rows.add(p.grad)
                 weight = p.detach().numpy()
                 kernels().adagrad_rows(weight, state["sum"].numpy(), weight.dtype.type(lr),
-                                       weight.dtype.type(group["eps"]), self._rows[p].slot, self._rows[p].sums)
+                                       weight.dtype.type(group["eps"]), rows.slot, rows.sums)
                 applied.append((p, p.grad))
                 p.grad = None  # hidden from torch's step below, which would apply it again
             return super().step()
