@@ -9,11 +9,10 @@ Dense gradients and GPU tensors go to torch's Adagrad.
 """
 from __future__ import annotations
 
-import functools
-import types
-
 import numpy as np
 import torch
+
+from pipeline.kernels import compiled
 
 
 class Adagrad(torch.optim.Adagrad):
@@ -44,7 +43,7 @@ class Adagrad(torch.optim.Adagrad):
                     rows = self._rows[p] = Rows(p)
                 rows.add(p.grad)
                 weight = p.detach().numpy()
-                kernels().adagrad_rows(weight, state["sum"].numpy(), weight.dtype.type(lr),
+                compiled().adagrad_rows(weight, state["sum"].numpy(), weight.dtype.type(lr),
                                        weight.dtype.type(group["eps"]), rows.slot, rows.sums)
                 applied.append((p, p.grad))
                 p.grad = None  # hidden from torch's step below, which would apply it again
@@ -69,7 +68,7 @@ class Rows:
         if len(self.order) < len(indices):
             self.sums = np.empty((len(indices), self.sums.shape[1]), self.sums.dtype)
             self.order = np.empty(len(indices), dtype=np.int64)
-        return kernels().sum_rows(indices, values, self.slot, self.sums, self.order)
+        return compiled().sum_rows(indices, values, self.slot, self.sums, self.order)
 
     def distinct(self, grad: torch.Tensor) -> torch.Tensor | None:
         """A gradient hook: the same sparse gradient with each row once. A batch looks up popular items many
@@ -83,49 +82,3 @@ class Rows:
         return torch.sparse_coo_tensor(torch.from_numpy(rows)[None], torch.from_numpy(self.sums[:seen].copy()),
                                        grad.shape, check_invariants=False)  # valid by construction
 
-
-@functools.cache
-def kernels():
-    """The compiled kernels, built on first use (numba caches them on disk), so that importing costs nothing.
-    error_model="numpy": a float division needs no zero check, which keeps the inner loop vectorized."""
-    import numba
-
-    jit = numba.njit(cache=True, error_model="numpy")
-    return types.SimpleNamespace(sum_rows=jit(sum_rows), adagrad_rows=jit(adagrad_rows))
-
-
-def sum_rows(indices, values, slot, sums, order):
-    """Sums values[k] into sums[slot[r]] for r = indices[k], giving each new row the next place (order[place] = r).
-    Returns the number of places used."""
-    d = values.shape[1]
-    seen = 0
-    for k in range(len(indices)):
-        r = indices[k]
-        s = slot[r]
-        if s < 0:
-            slot[r] = seen
-            order[seen] = r
-            for j in range(d):  # explicit loops: numba's row slices took 4x as long here
-                sums[seen, j] = values[k, j]
-            seen += 1
-        else:
-            for j in range(d):
-                sums[s, j] += values[k, j]
-    return seen
-
-
-def adagrad_rows(weight, state, lr, eps, slot, sums):
-    """For every row r with a place: state[r] += g * g and weight[r] -= lr * g / (sqrt(state[r]) + eps), g being
-    sums[slot[r]]; then slot[r] = -1 again. Walks the table in row order, which reads it faster than in the
-    order the rows came."""
-    d = weight.shape[1]
-    for r in range(weight.shape[0]):
-        s = slot[r]
-        if s < 0:
-            continue
-        slot[r] = -1
-        for j in range(d):
-            g = sums[s, j]
-            total = state[r, j] + g * g
-            state[r, j] = total
-            weight[r, j] -= lr * (g / (np.sqrt(total) + eps))

@@ -131,7 +131,7 @@ def rank_main(job: dict) -> dict:
     train = to_tensors(read_shard(job["train_url"], rank, size), device)
     valid = to_tensors(read_shard(job["valid_url"], rank, size), device)
     genres = torch.as_tensor(job["item_genres"], dtype=torch.long) if job["item_genres"] is not None else None
-    history, in_history = None, torch.ones(len(train[0]), dtype=torch.bool, device=device)
+    history, in_history = None, None  # None: every training rating is in the history (there is none)
     if job["spec"].get("item_history"):  # every rank needs every item's ratings, not only its shard's
         gathered = [hvd.allgather(column, name=f"history.{n}") for n, column in enumerate(train)]
         *history, kept = models.rating_history(*gathered, job["spec"]["n_items"], job["spec"]["rating_levels"],
@@ -198,7 +198,7 @@ def rank_main(job: dict) -> dict:
             idx = order[step * batch:(step + 1) * batch]
             u, i, r = train[0][idx], train[1][idx], train[2][idx]
             optimizer.zero_grad()
-            loss = model.loss(u, i, r, in_history[idx], t["l2"], bias_l2)
+            loss = model.loss(u, i, r, None if in_history is None else in_history[idx], t["l2"], bias_l2)
             if model.rater_bag is not None and t["history_l2"] > 0:
                 loss = loss + t["history_l2"] / steps * model.rater_bag.weight.pow(2).sum()
             loss.backward()

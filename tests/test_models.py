@@ -231,6 +231,43 @@ def test_the_l2_reuses_the_rows_of_the_forward_pass(model, head):
         assert t.weight.grad.is_sparse and t.weight.grad._nnz() == len(users)
 
 
+@pytest.mark.parametrize("l2, bias_l2", [(0.3, 0.1), (0.0, 0.0)])
+def test_mf_on_sparse_cpu_tables_gives_the_loss_and_gradients_of_the_torch_ops(l2, bias_l2):
+    """Sparse tables on the CPU take the compiled MFPairs; the generic path of RatingModel.loss is the reference."""
+    torch.manual_seed(0)
+    compiled, reference = random_model(spec("mf")), random_model(spec("mf"))
+    reference.load_state_dict(compiled.state_dict())
+    for m in (compiled, reference):
+        m.user_embedding.sparse = m.item_embedding.sparse = True
+    users, items, ratings = torch.randint(0, N_USERS, (300,)), torch.randint(0, N_ITEMS, (300,)), torch.randint(1, 6, (300,)).float()
+    got = compiled.loss(users, items, ratings, l2=l2, bias_l2=bias_l2)
+    want = models.RatingModel.loss(reference, users, items, ratings, l2=l2, bias_l2=bias_l2)
+    assert "MFPairsBackward" in backward_ops(got) and "MFPairsBackward" not in backward_ops(want)
+    assert torch.allclose(got, want, rtol=1e-6)
+    got.backward()
+    want.backward()
+    for (name, p), q in zip(compiled.named_parameters(), reference.parameters()):
+        assert p.grad.is_sparse == q.grad.is_sparse, name
+        assert torch.allclose(p.grad.to_dense(), q.grad.to_dense(), atol=1e-7), name
+    # a dense table, or an item side with genres, goes the generic way
+    compiled.item_embedding.sparse = False
+    assert "MFPairsBackward" not in backward_ops(compiled.loss(users, items, ratings))
+    with_genres = models.build(spec("mf", genres=True), genre_matrix())
+    with_genres.user_embedding.sparse = with_genres.item_embedding.sparse = True
+    assert "MFPairsBackward" not in backward_ops(with_genres.loss(users, items, ratings))
+
+
+def backward_ops(t: torch.Tensor) -> set[str]:
+    """The names of the autograd nodes t was computed by."""
+    seen, todo = {}, [t.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is not None and id(node) not in seen:
+            seen[id(node)] = node.name()
+            todo += [n for n, _ in node.next_functions]
+    return set(seen.values())
+
+
 def test_genres_shape_the_item_vectors():
     torch.manual_seed(0)
     genres = genre_matrix()
