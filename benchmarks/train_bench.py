@@ -8,7 +8,8 @@ allreduce variants reach the same accuracy.
 Throughput: each variant (model x optimizer x dense allreduce, fp16-compressed allreduce, or sparse
 gradients) runs through the real launcher for a few epochs; samples/s is that of the training steps of
 the fastest epoch after the first, over all ranks together. A plain single-process PyTorch loop with
-the same global batch runs in the same run as the reference. Accuracy: the same variants trained to
+the same global batch runs in the same run as the reference, and the allgather of one batch's rows
+alone tells what the exchange costs. Accuracy: the same variants trained to
 early stopping on a real split, compared by validation RMSE. Writes docs/benchmarks/train-throughput.md or train-accuracy.md.
 """
 from __future__ import annotations
@@ -56,6 +57,33 @@ def plain_loop(n_users: int, n_items: int, dim: int, batch: int, steps: int = 20
     return batch * (steps - 2) / (time.time() - started)
 
 
+def exchange_alone(rows: list[int], dim: int, steps: int = 20) -> float:
+    """ms a step for 2 ranks to allgather `rows` rows of `dim` floats and their indices per table, with nothing
+    else running: what a step under sparse gradients spends on the exchange at the least."""
+    import horovod
+
+    return horovod.run(_allgather_rows, args=(rows, dim, steps), num_proc=2, use_gloo=True)[0]
+
+
+def _allgather_rows(rows: list[int], dim: int, steps: int) -> float:
+    import horovod.torch as hvd
+
+    hvd.init()
+    tensors = [t for n in rows for t in (torch.randn(n, dim), torch.arange(n))]
+    for step in range(steps + 3):
+        if step == 3:  # skip warm-up
+            started = time.time()
+        for handle in [hvd.allgather_async(t, name=f"rows.{k}") for k, t in enumerate(tensors)]:
+            hvd.synchronize(handle)
+    return (time.time() - started) / steps * 1000
+
+
+def batch_rows(data: str, manifest: dict, batch: int) -> tuple[int, int]:
+    """Distinct users and items in a random batch of training pairs."""
+    pairs = train.read_table(data, manifest, "train", ["user_idx", "item_idx"]).sample(batch, random_state=0)
+    return pairs.user_idx.nunique(), pairs.item_idx.nunique()
+
+
 def run(spark, conf: str | None, data: str, out: str, settings: list[str]) -> dict:
     cfg = config.load(conf, settings)
     return train.train(spark, cfg, data, out)
@@ -98,13 +126,19 @@ def main() -> None:
         manifest = storage.read_manifest(data, "prepare")
         n_users, n_items = manifest["counts"]["users"], manifest["counts"]["items"]
         reference = plain_loop(n_users, n_items, args.dim, 2 * args.batch)
+        users, items = batch_rows(data, manifest, args.batch)
+        exchange = exchange_alone([users, items], args.dim)
         lines += [f"## Throughput on {n_users:,} users x {n_items:,} items ({manifest['counts']['train']:,} "
                   f"training ratings), embeddings of {args.dim}\n",
                   f"`benchmarks/train_bench.py --batch {args.batch} --epochs {args.epochs}`: batch {args.batch:,} "
                   f"per rank. Reference, a plain single-process PyTorch loop (mf, Adam, batch "
                   f"{2 * args.batch:,}): {reference:,.0f} samples/s.\n",
+                  f"The exchange alone: a batch of {args.batch:,} pairs touches {users:,} users and {items:,} items; "
+                  f"allgathering that many rows of {args.dim} floats and their indices between 2 ranks, with "
+                  f"nothing else running, took {exchange:.1f} ms a step: {2 * args.batch / exchange * 1000:,.0f} "
+                  f"samples/s if the exchange were all that a step did.\n",
                   "| model | optimizer | gradients | ranks | samples/s | x plain loop |", "| --- | --- | --- | --- | --- | --- |"]
-        print(lines[-3], flush=True)
+        print(*lines[-4:-2], sep="\n", flush=True)
         for model in args.models.split(","):
             for optimizer, gradients in variants:
                 for ranks in (2, 1) if (optimizer, gradients) in ONE_RANK_TOO else (2,):
