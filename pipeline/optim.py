@@ -44,7 +44,7 @@ class Adagrad(torch.optim.Adagrad):
                 rows.add(p.grad)
                 weight = p.detach().numpy()
                 compiled().adagrad_rows(weight, state["sum"].numpy(), weight.dtype.type(lr),
-                                       weight.dtype.type(group["eps"]), rows.slot, rows.sums)
+                                        weight.dtype.type(group["eps"]), rows.slot, rows.sums)
                 applied.append((p, p.grad))
                 p.grad = None  # hidden from torch's step below, which would apply it again
             return super().step()

@@ -131,7 +131,7 @@ def rank_main(job: dict) -> dict:
     train = to_tensors(read_shard(job["train_url"], rank, size), device)
     valid = to_tensors(read_shard(job["valid_url"], rank, size), device)
     genres = torch.as_tensor(job["item_genres"], dtype=torch.long) if job["item_genres"] is not None else None
-    history, in_history = None, None  # None: every training rating is in the history (there is none)
+    history, in_history = None, None  # without an item history no rating is left out of one
     if job["spec"].get("item_history"):  # every rank needs every item's ratings, not only its shard's
         gathered = [hvd.allgather(column, name=f"history.{n}") for n, column in enumerate(train)]
         *history, kept = models.rating_history(*gathered, job["spec"]["n_items"], job["spec"]["rating_levels"],
