@@ -55,12 +55,19 @@ class Adagrad(torch.optim.Adagrad):
 
 class Rows:
     """Sums a sparse gradient's rows by row, in scratch arrays kept between steps: fresh ones would cost more
-    in page faults than the kernels do in arithmetic. `slot[r]` is row r's place in `sums` (-1: none)."""
+    in page faults than the kernels do in arithmetic. `slot[r]` is row r's place in `sums` (-1: none).
 
-    def __init__(self, table: torch.Tensor):
+    `local` (optional, a bool per row) marks the rows that no other rank reads: a user's row when the shards are
+    split by user, as prepare writes them. Their gradients need not be exchanged: `distinct` keeps them back, and
+    `with_local` adds them to the exchanged gradient, divided by the number of ranks as Horovod's average divides
+    the others. The other
+    ranks' copies of these rows go stale until `train_loop.share_local_rows` copies them from their rank."""
+
+    def __init__(self, table: torch.Tensor, local: np.ndarray | None = None, ranks: int = 1):
         self.slot = np.full(table.shape[0], -1, dtype=np.int64)
         self.sums = np.empty((0, table.shape[1]), torch.empty(0, dtype=table.dtype).numpy().dtype)
         self.order = np.empty(0, dtype=np.int64)  # the rows, in the order of their places
+        self.local, self.ranks, self.kept = local, ranks, None
 
     def add(self, grad: torch.Tensor) -> int:
         """Sums grad's values by row into `sums` and `slot`; returns the number of distinct rows."""
@@ -71,14 +78,29 @@ class Rows:
         return compiled().sum_rows(indices, values, self.slot, self.sums, self.order)
 
     def distinct(self, grad: torch.Tensor) -> torch.Tensor | None:
-        """A gradient hook: the same sparse gradient with each row once. A batch looks up popular items many
-        times; summed first, the ranks exchange and apply each row once (a 32,768-pair batch on 138K x 27K
-        tables touches 24.8K users and 9.6K items)."""
+        """A gradient hook: the same sparse gradient with each row once, less the local rows. A batch looks up
+        popular items many times; summed first, the ranks exchange and apply each row once (a 32,768-pair batch
+        on 138K x 27K tables touches 24.8K users and 9.6K items)."""
         if not grad.is_sparse or grad.device.type != "cpu":
             return None
         seen = self.add(grad)
-        rows = self.order[:seen].copy()
+        rows, sums = self.order[:seen], self.sums[:seen]
         self.slot[rows] = -1
-        return torch.sparse_coo_tensor(torch.from_numpy(rows)[None], torch.from_numpy(self.sums[:seen].copy()),
-                                       grad.shape, check_invariants=False)  # valid by construction
+        if self.local is None:
+            rows, sums = rows.copy(), sums.copy()
+        else:
+            local = self.local[rows]
+            self.kept = (rows[local], sums[local] / sums.dtype.type(self.ranks))
+            rows, sums = rows[~local], sums[~local]
+        return torch.sparse_coo_tensor(torch.from_numpy(rows)[None], torch.from_numpy(sums), grad.shape,
+                                       check_invariants=False)  # valid by construction
 
+    def with_local(self, grad: torch.Tensor) -> torch.Tensor:
+        """The exchanged gradient plus the local rows that `distinct` kept back from it."""
+        if self.kept is None:
+            return grad
+        rows, sums = self.kept
+        self.kept = None
+        return torch.sparse_coo_tensor(torch.cat([grad._indices()[0], torch.from_numpy(rows)])[None],
+                                       torch.cat([grad._values(), torch.from_numpy(sums)]), grad.shape,
+                                       check_invariants=False)

@@ -136,7 +136,7 @@ def train(spark: SparkSession, cfg: Config, data_dir: str, out: str, resume: boo
             "stage": "train", "spec": spec, "train": vars(cfg.train),
             "data": {"path": data_dir, "dataset": data["dataset"], "created_at": data["created_at"],
                      "checksum": data["source"]["checksum"], "counts": data["counts"]},
-            "ranks": [{"rank": r["rank"], "rows": r["rows"]} for r in results],
+            "ranks": [{"rank": r["rank"], "rows": r["rows"], "local_rows": r["local_rows"]} for r in results],
             "history": chief["history"], "seconds": seconds,
             "metrics": {"valid_rmse": best["valid_rmse"], "valid_mae": best["valid_mae"],
                         "best_epoch": chief["best_epoch"], "epochs_run": len(chief["history"])}})

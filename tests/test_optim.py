@@ -1,6 +1,7 @@
 """pipeline.optim.Adagrad against torch's Adagrad: the same steps from the same gradients."""
 import copy
 
+import numpy as np
 import pytest
 import torch
 
@@ -47,6 +48,39 @@ def test_the_gradient_hook_sums_duplicate_rows_and_changes_no_step():
     train(hooked, optim.Adagrad(hooked.parameters(), lr=0.1))
     train(plain, optim.Adagrad(plain.parameters(), lr=0.1))
     assert torch.allclose(hooked["table"].weight, plain["table"].weight, atol=1e-6)
+
+
+def test_local_rows_stay_out_of_the_exchange_and_come_back_for_the_step():
+    model = sparse_model()
+    local = np.zeros(50, dtype=bool)
+    local[[3, 9]] = True  # rows that only this rank reads
+    rows = optim.Rows(model["table"].weight, local, ranks=2)
+    model["table"].weight.register_hook(rows.distinct)
+    model["table"](torch.tensor([3, 7, 3, 9, 0, 7, 7])).sum().backward()
+    exchanged = model["table"].weight.grad
+    assert sorted(exchanged._indices()[0].tolist()) == [0, 7]
+    assert torch.equal(exchanged.to_dense()[7], torch.full((8,), 3.0))  # the exchange divides these by the ranks
+    full = rows.with_local(exchanged).to_dense()
+    assert torch.equal(full[3], torch.full((8,), 1.0)) and torch.equal(full[9], torch.full((8,), 0.5))
+    assert torch.equal(full[[0, 7]], exchanged.to_dense()[[0, 7]])
+    assert rows.with_local(exchanged) is exchanged  # added once only
+
+
+def test_a_single_rank_with_every_row_local_steps_like_no_local_rows():
+    local, plain = sparse_model(), sparse_model()
+    rows = optim.Rows(local["table"].weight, np.ones(50, dtype=bool))
+    local["table"].weight.register_hook(rows.distinct)
+    optimizer = optim.Adagrad(local.parameters(), lr=0.1)
+    original_step = optimizer.step
+
+    def step():  # as the training loop does between the exchange and the step
+        local["table"].weight.grad = rows.with_local(local["table"].weight.grad)
+        original_step()
+
+    optimizer.step = step
+    train(local, optimizer)
+    train(plain, optim.Adagrad(plain.parameters(), lr=0.1))
+    assert torch.equal(local["table"].weight, plain["table"].weight)
 
 
 def test_state_round_trips_for_a_resumed_run():

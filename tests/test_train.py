@@ -83,6 +83,13 @@ def test_sparse_and_fp16_gradient_exchange_train_like_the_dense_allreduce(spark,
     # Adagrad leaves untouched rows alone either way, so allgathered sparse rows give the same updates;
     # fp16 rounds the gradients in transit and ends close.
     np.testing.assert_allclose([h["valid_rmse"] for h in sparse["history"]], curve, atol=1e-4)
+    # prepare splits the shards by user: each rank keeps its users' rows out of the exchange, and the saved model
+    # still holds every rank's updates to them
+    local_users = [r["local_rows"]["user_embedding"] for r in sparse["ranks"]]
+    assert sum(local_users) == sparse["spec"]["n_users"] and min(local_users) > 0
+    dense_model, sparse_model = (train.load_model(str(tmp_path / d))[0] for d in ("dense", "sparse"))
+    for name, weight in dense_model.state_dict().items():
+        torch.testing.assert_close(sparse_model.state_dict()[name], weight, atol=1e-4, rtol=0, msg=name)
     np.testing.assert_allclose([h["valid_rmse"] for h in fp16["history"]], curve, atol=1e-2)
     assert curve[-1] < curve[0]
     with pytest.raises(ConfigError, match="sparse_gradients needs"):
