@@ -127,14 +127,15 @@ def main() -> None:
         n_users, n_items = manifest["counts"]["users"], manifest["counts"]["items"]
         reference = plain_loop(n_users, n_items, args.dim, 2 * args.batch)
         users, items = batch_rows(data, manifest, args.batch)
-        exchange = exchange_alone([users, items], args.dim)
+        exchange = exchange_alone([items], args.dim)  # users' rows stay on their rank: the shards split by user
         lines += [f"## Throughput on {n_users:,} users x {n_items:,} items ({manifest['counts']['train']:,} "
                   f"training ratings), embeddings of {args.dim}\n",
                   f"`benchmarks/train_bench.py --batch {args.batch} --epochs {args.epochs}`: batch {args.batch:,} "
                   f"per rank. Reference, a plain single-process PyTorch loop (mf, Adam, batch "
                   f"{2 * args.batch:,}): {reference:,.0f} samples/s.\n",
-                  f"The exchange alone: a batch of {args.batch:,} pairs touches {users:,} users and {items:,} items; "
-                  f"allgathering that many rows of {args.dim} floats and their indices between 2 ranks, with "
+                  f"The exchange alone: a batch of {args.batch:,} pairs touches {users:,} users, whose rows stay on "
+                  f"their rank under sparse gradients (prepare splits the shards by user), and {items:,} items; "
+                  f"allgathering that many item rows of {args.dim} floats and their indices between 2 ranks, with "
                   f"nothing else running, took {exchange:.1f} ms a step: {2 * args.batch / exchange * 1000:,.0f} "
                   f"samples/s if the exchange were all that a step did.\n",
                   "| model | optimizer | gradients | ranks | samples/s | x plain loop |", "| --- | --- | --- | --- | --- | --- |"]
