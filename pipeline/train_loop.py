@@ -233,10 +233,14 @@ def rank_main(job: dict) -> dict:
     started = time.time() - sum(h["seconds"] for h in state["history"])
     bad_epochs = state.get("bad_epochs", 0)
 
-    # The next epoch's batches are drawn while this one trains.
-    drawing = concurrent.futures.ThreadPoolExecutor(1)
-    upcoming = drawing.submit(draw_batches, t["seed"] * 1_000_003 + state["epoch"] * 1009 + rank, n_local, steps,
-                              batch, t["sparse_gradients"])
+    drawing = concurrent.futures.ThreadPoolExecutor(1)  # the next epoch's batches are drawn while this one trains
+
+    def draw(epoch: int) -> concurrent.futures.Future:
+        # Seeded by (seed, epoch, rank), so a resumed run draws exactly what an uninterrupted one would.
+        return drawing.submit(draw_batches, t["seed"] * 1_000_003 + epoch * 1009 + rank, n_local, steps, batch,
+                              t["sparse_gradients"])
+
+    upcoming = draw(state["epoch"])
     for epoch in range(state["epoch"], t["epochs"]):
         if bad_epochs >= t["patience"]:  # a resumed run that had already stopped early
             break
@@ -244,11 +248,9 @@ def rank_main(job: dict) -> dict:
         model.train()
         for group in optimizer.param_groups:  # from the epoch alone, so that a resumed run decays the same
             group["lr"] = lr * t["lr_decay"] ** epoch
-        # Seeded by (seed, epoch, rank), so a resumed run draws exactly what an uninterrupted one would.
-        torch.manual_seed(t["seed"] * 7919 + epoch * 31 + rank)
+        torch.manual_seed(t["seed"] * 7919 + epoch * 31 + rank)  # dropout: seeded like the batches
         order = upcoming.result().to(device)
-        upcoming = drawing.submit(draw_batches, t["seed"] * 1_000_003 + (epoch + 1) * 1009 + rank, n_local, steps,
-                                  batch, t["sparse_gradients"])
+        upcoming = draw(epoch + 1)
         loss_sum = torch.zeros((), device=device)
         progress = Progress(steps, f"epoch {epoch + 1}/{t['epochs']}") if job.get("progress") and rank == 0 else None
         for step in range(steps):
