@@ -39,11 +39,32 @@ def test_bad_keys_are_named(tmp_path):
         config.load(overrides=["train.lr_decay=0"])
     with pytest.raises(ConfigError, match="item_history .* needs the dense allreduce"):
         config.load(overrides=["train.item_history=true", "train.sparse_gradients=true", "train.optimizer=adagrad"])
-    with pytest.raises(ConfigError, match="history_size must not be negative"):
+    with pytest.raises(ConfigError, match=r"train.history_size must be greater than or equal to 0, got -1"):
         config.load(overrides=["train.history_size=-1"])
 
 
 def test_shipped_configs_load_for_every_model():
     for name in ("local", "ml-100k", "ml-1m", "ml-20m", "cluster.example"):
-        for model in config.TrainConfig.MODELS:
+        for model in config.choices(config.TrainConfig, "model"):
             config.load(str(Path(__file__).resolve().parents[1] / "conf" / f"{name}.yaml"), [f"train.model={model}"])
+
+
+@pytest.mark.parametrize("override,message", [
+    ("recommend.users_per_block=-1", "recommend.users_per_block must be greater than or equal to 1, got -1"),
+    ("recommend.users_per_block=0", "recommend.users_per_block must be greater than or equal to 1, got 0"),
+    ("train.threads_per_rank=-1", "train.threads_per_rank must be greater than or equal to 0, got -1"),
+    ("train.hidden=[64, 0]", r"train.hidden\[1\] must be greater than or equal to 1, got 0"),
+    ("train.lr=0", "train.lr must be greater than 0, got 0"),
+    ("synth.seed=-2", "synth.seed must be greater than or equal to 0, got -2"),
+    ("prepare.split.fraction=1.5", "prepare.split.fraction must be less than 1, got 1.5"),
+    ("train.epochs=2.5", "train.epochs must be a valid integer"),
+    ("recommend.format=json", "recommend.format must be 'parquet' or 'csv', got 'json'"),
+])
+def test_every_numeric_setting_has_its_range_checked_where_it_is_declared(override, message):
+    with pytest.raises(ConfigError, match=message):
+        config.load(overrides=[override])
+
+
+def test_a_config_built_in_code_is_checked_too():
+    with pytest.raises(ValueError, match="users"):
+        config.SynthConfig(users=0)

@@ -135,7 +135,7 @@ def test_dmf_starts_from_a_trained_mf(spark, synthetic, tmp_path):
 
 def test_bad_configuration_fails_before_any_rank_starts(spark, synthetic, tmp_path):
     data, _ = synthetic
-    with pytest.raises(ConfigError, match="train.model must be one of"):
+    with pytest.raises(ConfigError, match="train.model must be 'mf', 'dmf', 'neumf' or 'two_tower', got 'svd'"):
         cfg("train.model=svd")
     with pytest.raises(ConfigError, match="user_dim"):
         cfg("train.user_dim=-3")
