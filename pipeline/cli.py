@@ -83,6 +83,10 @@ def parser() -> argparse.ArgumentParser:
                        help="override one config key, e.g. --set train.lr=0.005 (repeatable)")
         if name not in ("run", "similar"):
             p.add_argument("--out", help="output directory (default under the work directory)")
+        if name != "similar":
+            p.add_argument("--force", action="store_true",
+                           help="replace an output directory that is not an earlier output of this stage (a plain "
+                                "file is never replaced); without it such a path is refused before any work")
         if name not in ("synth", "prepare", "run"):
             p.add_argument("--data", help="prepared data directory (default: work_dir/prepared/DATASET, or the "
                                           "one the model was trained on)")

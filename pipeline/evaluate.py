@@ -21,8 +21,10 @@ log = logging.getLogger(__name__)
 SAMPLE_FOR_PLOTS = 100_000
 
 
-def evaluate(spark: SparkSession, cfg: Config, model_dir: str, data_dir: str | None, out: str) -> dict:
+def evaluate(spark: SparkSession, cfg: Config, model_dir: str, data_dir: str | None, out: str,
+             force: bool = False) -> dict:
     started = time.time()
+    storage.check_output(out, "evaluate", force)
     data_dir, data = model_and_data(model_dir, data_dir)
     levels = np.asarray(data["rating_levels"], dtype=np.float64)
     valid = spark_table(spark, data_dir, data, "valid")
@@ -65,7 +67,7 @@ def evaluate(spark: SparkSession, cfg: Config, model_dir: str, data_dir: str | N
     }
     sample = scored.select("prediction", "rating").limit(SAMPLE_FOR_PLOTS).toPandas()
     scored.unpersist()
-    with storage.publish(out) as tmp:
+    with storage.publish(out, "evaluate", force) as tmp:
         fs, plain = storage.filesystem(tmp)
         with fs.open(f"{plain}/metrics.json", "w") as f:
             json.dump(report, f, indent=2)

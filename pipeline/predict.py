@@ -18,8 +18,9 @@ ID_COLUMNS = {"user_id": ("user_id", "userId"), "item_id": ("item_id", "movieId"
 def read_pairs(spark: SparkSession, path: str):
     if not storage.exists(path):
         raise StageError(f"pairs file {path} does not exist")
-    fs, plain = storage.filesystem(path)
-    if any(f.endswith(".parquet") for f in [plain.rstrip("/"), *fs.find(plain)]):  # a file or a Spark output
+    if storage.is_empty(path):
+        raise StageError(f"pairs file {path} is empty: it needs a header (userId,movieId) and one pair a line")
+    if any(f.endswith(".parquet") for f in storage.data_files(path)):  # a file or a Spark output
         df = spark.read.parquet(path)
     else:
         df = spark.read.option("header", True).csv(path)
@@ -32,13 +33,15 @@ def read_pairs(spark: SparkSession, path: str):
     return df, chosen
 
 
-def predict(spark: SparkSession, model_dir: str, pairs_path: str, out: str, data_dir: str | None = None) -> dict:
+def predict(spark: SparkSession, model_dir: str, pairs_path: str, out: str, data_dir: str | None = None,
+            force: bool = False) -> dict:
     """Every input row comes out, in input order, with `prediction`, `known`, and `problem` (null unless the
     row is malformed: an id that is empty or not a non-negative integer; such rows get no prediction).
 
     Pairs whose user or item was not in training are `known = false` and get the fallback: the global
     mean plus the bias of whichever side is known, clipped to the rating scale.
     """
+    storage.check_output(out, "predict", force)
     data_dir, data = model_and_data(model_dir, data_dir)
     df, cols = read_pairs(spark, pairs_path)
     users = spark_table(spark, data_dir, data, "users").select("user_id", "user_idx")
@@ -57,7 +60,7 @@ def predict(spark: SparkSession, model_dir: str, pairs_path: str, out: str, data
               .withColumn("prediction", F.when(F.col("problem").isNull(), F.col("prediction")))
               .orderBy("_row").select(*df.columns, "prediction", "known", "problem"))
     csv = out.rstrip("/").endswith(".csv")
-    with storage.publish(out) as tmp:
+    with storage.publish(out, "predict", force) as tmp:
         if csv:
             result.write.option("header", True).csv(f"{tmp}/predictions")
             written = spark.read.option("header", True).csv(f"{tmp}/predictions")

@@ -241,8 +241,9 @@ def retrieval_model(cfg: Config, model_dir: str, data_dir: str, retrieval_model_
 
 
 def recommend(spark: SparkSession, cfg: Config, model_dir: str, data_dir: str | None, out: str,
-              retrieval_model_dir: str | None = None) -> dict:
+              retrieval_model_dir: str | None = None, force: bool = False) -> dict:
     started = time.time()
+    storage.check_output(out, "recommend", force)
     data_dir, data = model_and_data(model_dir, data_dir)
     retrieval = retrieval_model(cfg, model_dir, data_dir, retrieval_model_dir)
     n, block, candidates = cfg.recommend.top_n, cfg.recommend.users_per_block, cfg.recommend.candidates
@@ -257,7 +258,7 @@ def recommend(spark: SparkSession, cfg: Config, model_dir: str, data_dir: str | 
         return top.join(F.broadcast(items), "item_idx").join(F.broadcast(users), "user_idx")
 
     top = top_n(spark, model_dir, every_user, seen, n, block, retrieval, candidates)
-    with storage.publish(out) as tmp:
+    with storage.publish(out, "recommend", force) as tmp:
         writer = with_ids(top).select("user_id", "rank", "item_id", "score", "title").write
         if cfg.recommend.format == "csv":
             writer.option("header", True).csv(f"{tmp}/recommendations")
@@ -265,6 +266,9 @@ def recommend(spark: SparkSession, cfg: Config, model_dir: str, data_dir: str | 
             writer.parquet(f"{tmp}/recommendations")
         # Read back on the driver (two id columns): cheaper than keeping the output cached for a Spark summary.
         written = _written_ids(f"{tmp}/recommendations", cfg.recommend.format)
+        if written.empty:
+            raise StageError(f"internal error: no recommendation was written for {len(every_user):,} users; "
+                             f"nothing was published and {out} is unchanged")
         two_stage = None
         if retrieval:
             sample = np.sort(np.random.default_rng(0).permutation(every_user)[:RECALL_USERS])

@@ -10,14 +10,14 @@ def synth(cfg: Config, args) -> str:
     from pipeline import synth as synth_mod
 
     out = getattr(args, "out", None) or cfg.path("synth", cfg.dataset)
-    manifest = synth_mod.generate(session(cfg.spark), cfg.synth, out)
+    manifest = synth_mod.generate(session(cfg.spark), cfg.synth, out, force=_force(args))
     return (f"synthetic ratings -> {out}\n  {manifest['counts']['ratings']:,} ratings, "
             f"oracle RMSE {manifest['oracle_rmse']:.4f}")
 
 
 def prepare(cfg: Config, args) -> str:
     out = getattr(args, "out", None) or cfg.path("prepared", cfg.dataset)
-    manifest = prepare_mod.prepare(session(cfg.spark), cfg, cfg.prepare.input, out)
+    manifest = prepare_mod.prepare(session(cfg.spark), cfg, cfg.prepare.input, out, force=_force(args))
     return prepare_mod.summary(manifest, out)
 
 
@@ -26,8 +26,13 @@ def train(cfg: Config, args) -> str:
 
     data = getattr(args, "data", None) or cfg.path("prepared", cfg.dataset)
     out = getattr(args, "out", None) or cfg.path("models", cfg.run)
-    manifest = train_mod.train(session(cfg.spark), cfg, data, out, resume=getattr(args, "resume", False))
+    manifest = train_mod.train(session(cfg.spark), cfg, data, out, resume=getattr(args, "resume", False),
+                               force=_force(args))
     return train_mod.summary(manifest, out)
+
+
+def _force(args) -> bool:
+    return getattr(args, "force", False)
 
 
 def _model_dir(cfg: Config, args) -> str:
@@ -38,7 +43,8 @@ def evaluate(cfg: Config, args) -> str:
     from pipeline import evaluate as evaluate_mod
 
     out = getattr(args, "out", None) or cfg.path("reports", cfg.run)
-    manifest = evaluate_mod.evaluate(session(cfg.spark), cfg, _model_dir(cfg, args), getattr(args, "data", None), out)
+    manifest = evaluate_mod.evaluate(session(cfg.spark), cfg, _model_dir(cfg, args), getattr(args, "data", None), out,
+                                     force=_force(args))
     return f"evaluation -> {out}/metrics.json (and pictures)\n{evaluate_mod.table(manifest)}"
 
 
@@ -47,7 +53,8 @@ def recommend(cfg: Config, args) -> str:
 
     out = getattr(args, "out", None) or cfg.path("recommendations", cfg.run)
     manifest = recommend_mod.recommend(session(cfg.spark), cfg, _model_dir(cfg, args), getattr(args, "data", None), out,
-                                       retrieval_model_dir=getattr(args, "retrieval_model_dir", None))
+                                       retrieval_model_dir=getattr(args, "retrieval_model_dir", None),
+                                       force=_force(args))
     return recommend_mod.summary(manifest, out)
 
 
@@ -55,7 +62,8 @@ def predict(cfg: Config, args) -> str:
     from pipeline import predict as predict_mod
 
     out = args.out or cfg.path("predictions", cfg.run)
-    manifest = predict_mod.predict(session(cfg.spark), _model_dir(cfg, args), args.pairs, out, args.data)
+    manifest = predict_mod.predict(session(cfg.spark), _model_dir(cfg, args), args.pairs, out, args.data,
+                                   force=_force(args))
     c = manifest["counts"]
     return (f"predictions -> {out}/predictions\n  {c['rows']:,} rows: {c['known']:,} scored by the model, "
             f"{c['fallback']:,} by the fallback (user or item not in training), {c['malformed']:,} malformed")

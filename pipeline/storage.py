@@ -10,13 +10,17 @@ import contextlib
 import datetime as dt
 import hashlib
 import json
+import logging
 import os
+import socket
 import uuid
 
 import fsspec
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
+OWNER = "_dmf_owner.json"  # in a temporary output: the stage, host and process writing it
+log = logging.getLogger(__name__)
 
 
 class StageError(RuntimeError):
@@ -38,28 +42,113 @@ def exists(path: str) -> bool:
     return fs.exists(plain)
 
 
-@contextlib.contextmanager
-def publish(final: str):
-    """Yields a temporary path to write into; on success it replaces `final` in one rename."""
+def check_output(final: str, stage: str, force: bool = False) -> None:
+    """Refuses, before any work, an output path that holds anything but an earlier `stage` output.
+
+    Nothing the user did not ask to replace is deleted: a plain file is never replaced, and a directory
+    that is not this stage's output only with `force` (--force). An empty directory holds nothing to lose."""
     fs, plain = filesystem(final)
     plain = plain.rstrip("/")
+    if not fs.exists(plain):
+        return
+    if not fs.isdir(plain):
+        raise StageError(f"{final} is a file, not a {stage} output directory: refusing to replace it "
+                         f"(--force does not replace files); choose another --out or move the file away")
+    entries = sorted(os.path.basename(p.rstrip("/")) for p in fs.ls(plain, detail=False))
+    if not entries:
+        return
+    found = _stage_of(fs, plain)
+    if found == stage:
+        return
+    what = f"a {found!r} output" if found else f"{len(entries)} entries ({', '.join(entries[:5])}" \
+        f"{', ...' if len(entries) > 5 else ''}) and no {MANIFEST} of a {stage} output"
+    if force:
+        log.warning("%s holds %s; replacing it as --force asks", final, what)
+        return
+    raise StageError(f"{final} holds {what}: refusing to replace it. Choose another --out, or pass --force "
+                     f"to replace that directory")
+
+
+def _stage_of(fs, plain: str) -> str | None:
+    try:
+        with fs.open(f"{plain}/{MANIFEST}") as f:
+            return json.load(f).get("stage")
+    except (FileNotFoundError, ValueError, AttributeError):
+        return None
+
+
+@contextlib.contextmanager
+def publish(final: str, stage: str, force: bool = False):
+    """Yields a temporary path to write into; on success it replaces `final` in one rename.
+
+    The temporary carries an owner file (stage, host, process) until the output is in place, so that the
+    next run of the stage can tell its own leftovers of a killed run from anything else, and remove them."""
+    check_output(final, stage, force)
+    fs, plain = filesystem(final)
+    plain = plain.rstrip("/")
+    clean_stale(fs, plain, stage)
     tag = uuid.uuid4().hex[:8]
     tmp = f"{plain}.tmp-{tag}"
     fs.makedirs(tmp, exist_ok=True)
+    with fs.open(f"{tmp}/{OWNER}", "w") as f:
+        json.dump({"stage": stage, "host": socket.gethostname(), "pid": os.getpid()}, f)
     try:
         yield f"{final.rstrip('/')}.tmp-{tag}"  # the same place as `tmp`, spelled as the caller spelled `final`
         if not fs.exists(f"{tmp}/{MANIFEST}"):
             raise StageError(f"internal error: {tmp} was finished without a {MANIFEST}")
+        check_output(final, stage, force)  # something may have appeared there while the stage ran
         old = None
         if fs.exists(plain):
             old = f"{plain}.old-{tag}"
             fs.mv(plain, old, recursive=True)
         fs.mv(tmp, plain, recursive=True)
+        fs.rm(f"{plain}/{OWNER}")
         if old:
             fs.rm(old, recursive=True)
     finally:
         if fs.exists(tmp):
             fs.rm(tmp, recursive=True)
+
+
+def _owner(fs, path: str) -> dict | None:
+    try:
+        with fs.open(f"{path}/{OWNER}") as f:
+            return json.load(f)
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def _gone(owner: dict | None, stage: str) -> bool:
+    """Whether `owner` names a process of `stage` on this host that has ended: only then is it provably stale."""
+    if not owner or owner.get("stage") != stage or owner.get("host") != socket.gethostname():
+        return False
+    try:
+        os.kill(int(owner["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, ValueError, TypeError, KeyError):
+        return False
+    return False
+
+
+def clean_stale(fs, plain: str, stage: str) -> None:
+    """Removes what a killed run of `stage` left beside its output `plain`, and puts back the previous output
+    if the kill came between its two renames. Leftovers whose owner may still run, or that another host
+    left, stay where they are (and are named in a warning)."""
+    for path in sorted(fs.glob(f"{plain}.tmp-*") + fs.glob(f"{plain}.old-*")):
+        tag = path.rsplit("-", 1)[-1]
+        owner = _owner(fs, f"{plain}.tmp-{tag}") or _owner(fs, plain)
+        if not _gone(owner, stage):
+            log.warning("%s is left from another run of %s output that may still be going: not removed", path, stage)
+            continue
+        if path.endswith(f".old-{tag}") and not fs.exists(plain):
+            fs.mv(path, plain, recursive=True)
+            log.warning("restored %s from %s, which a killed run had moved away", plain, path)
+        elif fs.exists(path):
+            fs.rm(path, recursive=True)
+            log.info("removed %s, left by a killed run", path)
+    if _gone(_owner(fs, plain), stage):
+        fs.rm(f"{plain}/{OWNER}")
 
 
 def write_manifest(directory: str, manifest: dict) -> dict:
@@ -87,6 +176,19 @@ def read_manifest(directory: str, stage: str) -> dict:
         raise StageError(f"{directory} was written with schema version {manifest.get('schema_version')}, "
                          f"this version of dmf reads {SCHEMA_VERSION}: run `dmf {stage}` again")
     return manifest
+
+
+def data_files(path: str) -> list[str]:
+    """The files a reader of `path` sees: the file itself, or those under the directory but for _ and . names."""
+    fs, plain = filesystem(path)
+    if not fs.isdir(plain):
+        return [plain]
+    return sorted(p for p in fs.find(plain) if not os.path.basename(p).startswith(("_", ".")))
+
+
+def is_empty(path: str) -> bool:
+    fs, _ = filesystem(path)
+    return sum(fs.size(p) for p in data_files(path)) == 0
 
 
 def row_groups(path: str) -> int:

@@ -188,10 +188,9 @@ def movies(model: Planted) -> pd.DataFrame:
         "genres": ["|".join(g for g, has in zip(GENRES, row) if has) for row in model.genres]})
 
 
-def generate(spark: SparkSession, cfg: SynthConfig, out: str) -> dict:
+def generate(spark: SparkSession, cfg: SynthConfig, out: str, force: bool = False) -> dict:
     """Writes ratings.csv/, movies.csv/ and manifest.json to `out` atomically; returns the manifest."""
-    if min(cfg.users, cfg.items, cfg.ratings, cfg.rank) < 1 or cfg.noise < 0:
-        raise storage.StageError(f"synth needs positive users, items, ratings and rank and noise >= 0: {cfg}")
+    storage.check_output(out, "synth", force)
     spark.conf.set("spark.sql.execution.arrow.pyspark.enabled", "true")
     model = planted(cfg)
     rows = BLOCK  # read once here: the workers get it through the closure
@@ -218,7 +217,7 @@ def generate(spark: SparkSession, cfg: SynthConfig, out: str) -> dict:
             draws = min(cap, int(draws * 1.5))
         cut = _cut(kept, block, wanted, per_block)
         ratings = kept if cut is None else kept.where(F.col("id") < cut)
-        with storage.publish(out) as tmp:
+        with storage.publish(out, "synth", force) as tmp:
             (ratings.select("userId", "movieId", "rating", "timestamp").sortWithinPartitions("userId", "movieId")
              .write.csv(storage.url(f"{tmp}/ratings.csv"), header=True))
             (spark.createDataFrame(movies(model)).coalesce(1)
