@@ -9,10 +9,12 @@ Formats are told apart by the files, not by directory names:
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import os
 import re
+import shutil
 import tempfile
 import zipfile
 from dataclasses import dataclass
@@ -22,7 +24,7 @@ import pandas as pd
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from pipeline.storage import StageError, filesystem
+from pipeline.storage import StageError, filesystem, is_empty
 
 WHOLE_STARS = (1.0, 5.0, 1.0)
 HALF_STARS = (0.5, 5.0, 0.5)
@@ -48,13 +50,28 @@ class Source:
     scale: tuple  # (min, max, step) of valid ratings
 
 
+@contextlib.contextmanager
+def unpacked(path: str):
+    """(readable, shown): `path` itself, or for a .zip the directory it was unpacked into, which is removed on
+    every way out; `shown(p)` spells a path under it as the place in the zip (for messages and manifests)."""
+    if not path.rstrip("/").endswith(".zip"):
+        yield path, lambda p: p
+        return
+    target = tempfile.mkdtemp(prefix="dmf-input-")
+    try:
+        _unzip(path, target)
+        yield target, lambda p: p.replace(f"file://{target}", path).replace(target, path)
+    finally:
+        shutil.rmtree(target, ignore_errors=True)
+
+
 def detect(path: str, fmt: str = "auto") -> Source:
-    """What `path` holds: a MovieLens directory or .zip, or a single ratings file."""
+    """What `path` holds: a MovieLens directory (see `unpacked` for a .zip), or a single ratings file."""
     fs, plain = filesystem(path)
     if not fs.exists(plain):
         raise StageError(f"input {path} does not exist")
     if plain.endswith(".zip"):
-        return detect(_unzip(path), fmt)
+        raise StageError(f"internal error: {path} must be unpacked first (ingest.unpacked)")
     if fs.isdir(plain) and not _is_parquet_dataset(fs, plain):
         return _detect_in_directory(fs, plain, fmt, path)
     if fmt == "auto":
@@ -77,9 +94,13 @@ def _source(fs, plain: str, fmt: str) -> Source:
 def _detect_in_directory(fs, plain: str, fmt: str, shown: str) -> Source:
     children = fs.ls(plain, detail=False)
     names = {os.path.basename(c.rstrip("/")): c for c in children}
-    for f in [fmt] if fmt != "auto" else ["ml-100k", "ml-1m", "csv", "parquet"]:
-        if RATINGS_FILES[f] in names:
-            return _source(fs, names[RATINGS_FILES[f]], f)
+    candidates = [fmt] if fmt != "auto" else ["ml-100k", "ml-1m", "csv", "parquet"]
+    found = [f for f in candidates if RATINGS_FILES[f] in names]
+    if len(found) > 1:
+        raise StageError(f"{shown} holds {' and '.join(RATINGS_FILES[f] for f in found)}: say which to read with "
+                         f"--format ({', '.join(found)}), or point --input at the file")
+    if found:
+        return _source(fs, names[RATINGS_FILES[found[0]]], found[0])
     subdirs = [c for c in children if fs.isdir(c)]
     if len(subdirs) == 1:  # a release unpacked as published: ml-1m.zip holds ml-1m/
         return _detect_in_directory(fs, subdirs[0], fmt, shown)
@@ -104,15 +125,13 @@ def _is_parquet_dataset(fs, plain: str) -> bool:
                                    for p in fs.ls(plain, detail=False))
 
 
-def _unzip(path: str) -> str:
+def _unzip(path: str, target: str) -> None:
     fs, plain = filesystem(path)
-    target = tempfile.mkdtemp(prefix="dmf-input-")
     try:
         with fs.open(plain, "rb") as f, zipfile.ZipFile(f) as z:
             z.extractall(target)
     except zipfile.BadZipFile as e:
         raise StageError(f"{path}: not a readable zip file ({e})") from e
-    return target
 
 
 def read_ratings(spark: SparkSession, source: Source) -> tuple[DataFrame, pd.DataFrame]:
@@ -127,12 +146,16 @@ def read_ratings(spark: SparkSession, source: Source) -> tuple[DataFrame, pd.Dat
     """
     if source.format == "parquet":
         return _read_parquet(spark, source)
+    if is_empty(source.ratings):
+        raise StageError(f"{source.ratings} is empty: it holds no ratings")
     rows, files = _positioned(spark, spark.read.text(source.ratings))
     if source.format == "csv":
         _check_csv_headers(files)
-    parts = F.split(F.col("value"), re.escape(SEPARATORS[source.format]))
+    # A UTF-8 byte order mark before a file's first line is no part of its first field.
+    value = F.when(F.col("value").startswith("\ufeff"), F.expr("substring(value, 2)")).otherwise(F.col("value"))
+    parts = F.split(value, re.escape(SEPARATORS[source.format]))
     rows = rows.select(
-        "file_idx", "block", "row", F.col("value").alias("raw"),
+        "file_idx", "block", "row", value.alias("raw"),
         F.trim(parts[0]).alias("user_id"), F.trim(parts[1]).alias("item_id"),
         F.trim(parts[2]).alias("rating"), F.trim(parts[3]).alias("timestamp"),
         F.size(parts).alias("fields"))
@@ -165,18 +188,31 @@ def line_offsets(chunks: pd.DataFrame) -> pd.DataFrame:
 
 
 def _check_csv_headers(files: pd.DataFrame) -> None:
+    """Each CSV file starts with exactly the header: a fifth column would make every row unparseable."""
     for path in files.source:
         fs, plain = filesystem(unquote(path))
         with fs.open(plain, "rb", compression="infer") as f:
             first = f.readline()
         if not first:  # an empty part file has no header, and no rows
             continue
-        first = first.decode("utf-8", "replace").rstrip("\r\n")
+        first = first.decode("utf-8-sig", "replace").rstrip("\r\n")  # a byte order mark is no part of the text
         columns = [c.strip() for c in first.split(",")]
-        if columns[:4] != CSV_HEADER:
+        if columns != CSV_HEADER:
             missing = [c for c in CSV_HEADER if c not in columns]
-            raise StageError(f"{path}: line 1 must be the header {','.join(CSV_HEADER)}, found {first!r}"
-                             + (f" (missing {', '.join(missing)})" if missing else ""))
+            problem = (f"missing {', '.join(missing)}" if missing else
+                       f"{len(columns)} columns where ratings.csv has {len(CSV_HEADER)}")
+            raise StageError(f"{path}: line 1 must be the header {','.join(CSV_HEADER)}, found {first!r} ({problem})")
+
+
+def field_problem(fmt: str, raw_lines: list[str]) -> str:
+    """What is wrong with lines rejected as unparseable, when they all share one wrong field count."""
+    separator = SEPARATORS.get(fmt)
+    counts = {len(line.split(separator)) for line in raw_lines if line is not None} if separator else set()
+    if len(counts) != 1 or counts == {4}:
+        return ""
+    what = {"\t": "tab", "::": "'::'", ",": "comma"}[separator]
+    return (f" These lines have {counts.pop()} {what}-separated fields where {fmt} ratings have 4 "
+            f"(user, item, rating, timestamp): is this the right file and --format?")
 
 
 def _read_parquet(spark: SparkSession, source: Source) -> tuple[DataFrame, pd.DataFrame]:

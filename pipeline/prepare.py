@@ -28,16 +28,24 @@ RATING_COLUMNS = ["user_idx", "item_idx", "rating", "timestamp"]
 INT32_MAX = 2**31 - 1
 
 
-def prepare(spark: SparkSession, cfg: Config, input_path: str | None = None, out: str | None = None) -> dict:
+def prepare(spark: SparkSession, cfg: Config, input_path: str | None = None, out: str | None = None,
+            force: bool = False) -> dict:
     input_path = input_path or cfg.prepare.input
     if not input_path:
         raise StageError("prepare needs an input: --input PATH (or prepare.input in the config)")
     out = out or cfg.path("prepared", cfg.dataset)
+    storage.check_output(out, "prepare", force)
+    with ingest.unpacked(input_path) as (readable, shown):
+        return _prepare(spark, cfg, readable, shown, input_path, out, force)
+
+
+def _prepare(spark: SparkSession, cfg: Config, readable: str, shown, input_path: str, out: str, force: bool) -> dict:
     started = time.time()
     spark.conf.set("spark.sql.execution.arrow.pyspark.enabled", "true")  # the id maps pass through pandas
-    source = ingest.detect(input_path, cfg.prepare.format)
+    source = ingest.detect(readable, cfg.prepare.format)
     log.info("prepare: reading %s ratings from %s", source.format, source.ratings)
     raw, files = ingest.read_ratings(spark, source)
+    files["source"] = files.source.map(shown)
     # The one shuffle of the ratings: by user, into as many partitions as output files. The duplicate
     # window, the per-user split windows, the id joins (broadcast) and the writes all keep it.
     n_files = cfg.prepare.max_ranks * cfg.prepare.row_groups_per_rank
@@ -47,7 +55,8 @@ def prepare(spark: SparkSession, cfg: Config, input_path: str | None = None, out
         checked = cached.where(~F.col("row").isin(headers)) if headers else cached
         total = sum(counts.values())
         invalid = {k: v for k, v in counts.items() if k is not None}
-        _check_rejections(source, files, lines, checked, total, invalid, cfg.prepare.max_reject_fraction)
+        _check_rejections(shown(source.ratings), source.format, files, lines, checked, total, invalid,
+                          cfg.prepare.max_reject_fraction)
 
         valid = checked.where("reason IS NULL").drop("reason", "raw")
         kept, below_min = filter_min_ratings(valid, cfg.prepare.min_user_ratings, cfg.prepare.min_item_ratings)
@@ -59,12 +68,13 @@ def prepare(spark: SparkSession, cfg: Config, input_path: str | None = None, out
                              f"({cfg.prepare.split.method} split)")
         held_out = held_out.join(users.drop("count"), "user_id", "left").join(items.drop("count"), "item_id", "left")
         known = F.col("user_idx").isNotNull() & F.col("item_idx").isNotNull()
-        manifest = _publish(spark, cfg, out, source, files, lines, input_path, counts, users, items,
+        manifest = _publish(spark, cfg, out, source, shown, files, lines, input_path, counts, users, items,
                             train=train.join(users.drop("count"), "user_id").join(items.drop("count"), "item_id"),
                             valid=held_out.where(known),
                             rejected=[checked.where("reason IS NOT NULL"),
                                       below_min.withColumn("reason", F.lit("below_min_ratings")),
-                                      held_out.where(~known).withColumn("reason", F.lit("cold_start_validation"))])
+                                      held_out.where(~known).withColumn("reason", F.lit("cold_start_validation"))],
+                            force=force)
     finally:
         cached.unpersist()
     log.info("prepare: wrote %s in %.1f s", out, time.time() - started)
@@ -153,19 +163,22 @@ def mark_duplicates(rows: DataFrame) -> DataFrame:
             .withColumn("raw", F.when(F.col("reason").isNotNull(), F.col("raw"))))
 
 
-def _check_rejections(source, files, lines: DataFrame, checked: DataFrame, total: int, invalid: dict,
-                      max_fraction: float) -> None:
-    if total == 0 or total == sum(invalid.values()):
-        raise StageError(f"{source.ratings}: yields no usable ratings ({total} rows read)")
+def _check_rejections(ratings: str, fmt: str, files, lines: DataFrame, checked: DataFrame, total: int,
+                      invalid: dict, max_fraction: float) -> None:
+    if total == 0:
+        raise StageError(f"{ratings}: yields no ratings (0 rows read)")
     fraction = sum(invalid.values()) / total
-    if fraction > max_fraction:
+    if fraction > max_fraction or fraction == 1:
         examples = _with_line(checked.where("reason IS NOT NULL"), lines).orderBy("file_idx", "line").limit(5).collect()
         shown = "\n".join(f"  {files.source[r.file_idx]} line {r.line}: {r.reason}: {r.raw!r}" for r in examples)
         by_reason = ", ".join(f"{k} {v}" for k, v in sorted(invalid.items(), key=lambda kv: -kv[1]))
+        unparseable = [r.raw for r in examples if r.reason == "unparseable_line"]
+        why = (f"yields no usable ratings: all {total} rows were rejected ({by_reason})" if fraction == 1 else
+               f"{fraction:.2%} of {total} rows were rejected ({by_reason}), more than "
+               f"prepare.max_reject_fraction={max_fraction:.2%}")
         raise StageError(
-            f"{source.ratings}: {fraction:.2%} of {total} rows were rejected ({by_reason}), more than "
-            f"prepare.max_reject_fraction={max_fraction:.2%}; is this the right file and --format "
-            f"({source.format})? Nothing was written. First rejected rows:\n{shown}")
+            f"{ratings}: {why}; is this the right file and --format ({fmt})?"
+            f"{ingest.field_problem(fmt, unparseable)} Nothing was written. First rejected rows:\n{shown}")
 
 
 def filter_min_ratings(rows: DataFrame, min_user: int, min_item: int) -> tuple[DataFrame, DataFrame]:
@@ -235,8 +248,8 @@ def _with_line(df: DataFrame, lines: DataFrame) -> DataFrame:
     return df.join(lines, ["file_idx", "block"]).withColumn("line", F.col("row") + F.col("offset"))
 
 
-def _publish(spark, cfg: Config, out, source, files, lines, input_path, counts, users, items, train, valid,
-             rejected: list) -> dict:
+def _publish(spark, cfg: Config, out, source, shown, files, lines, input_path, counts, users, items, train, valid,
+             rejected: list, force: bool) -> dict:
     movies = ingest.read_movies(source)
     genre_names = sorted({g for gs in movies.genres for g in gs.split("|") if g})
     genre_of = {g: i for i, g in enumerate(genre_names)}
@@ -251,7 +264,7 @@ def _publish(spark, cfg: Config, out, source, files, lines, input_path, counts, 
     rejected_rows = (_with_line(rejected_rows, lines).join(F.broadcast(spark.createDataFrame(files)), "file_idx")
                      .select("line", "raw", "reason", "user_id", "item_id", "rating", "timestamp", "source"))
 
-    with storage.publish(out) as tmp:
+    with storage.publish(out, "prepare", force) as tmp:
         row_groups = {"train": _write_ratings(train, f"{tmp}/train"),
                       "valid": _write_ratings(valid, f"{tmp}/valid")}
         users_out.orderBy("user_idx").coalesce(1).write.parquet(f"{tmp}/users")
@@ -268,8 +281,9 @@ def _publish(spark, cfg: Config, out, source, files, lines, input_path, counts, 
         manifest = {
             "stage": "prepare",
             "dataset": cfg.dataset,
-            "source": {"input": input_path, "format": source.format, "ratings": source.ratings,
-                       "movies": source.movies, "checksum": storage.checksum([source.ratings])},
+            "source": {"input": input_path, "format": source.format, "ratings": shown(source.ratings),
+                       "movies": source.movies and shown(source.movies),
+                       "checksum": storage.checksum([source.ratings])},
             "rating_scale": dict(zip(("min", "max", "step"), source.scale)),
             "rating_levels": sorted(stats.levels),
             "global_mean": stats.mean,

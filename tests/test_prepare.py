@@ -140,9 +140,10 @@ def test_formats_are_detected_from_files_and_decoded(spark, tmp_path):
     with zipfile.ZipFile(zipped, "w") as z:
         for f in ml1m.iterdir():
             z.write(f, f"ml-1m/{f.name}")
-    source = ingest.detect(str(zipped))
-    assert (source.format, source.scale) == ("ml-1m", ingest.WHOLE_STARS)
-    assert ingest.read_movies(source).title.iloc[0] == "Amélie (2001)"  # latin-1 decoded
+    with ingest.unpacked(str(zipped)) as (readable, _):
+        source = ingest.detect(readable)
+        assert (source.format, source.scale) == ("ml-1m", ingest.WHOLE_STARS)
+        assert ingest.read_movies(source).title.iloc[0] == "Amélie (2001)"  # latin-1 decoded
     ml10m = write_ml1m(tmp_path / "ml-10m", [r.replace("::5::", "::4.5::") for r in GOOD], tags=True)
     assert ingest.detect(str(ml10m)).format == "ml-10m"
     csv_dir = tmp_path / "ml-25m"
