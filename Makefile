@@ -7,7 +7,7 @@ export PYSPARK_PYTHON := $(abspath $(VENV))/bin/python
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml deploy/install.sh deploy/cxx17
+$(STAMP): pyproject.toml deploy/install.sh deploy/cxx17 deploy/patch_horovod.py
 	VENV=$(VENV) ./deploy/install.sh
 
 run: install

@@ -31,6 +31,8 @@ if ! installed horovod "$HOROVOD_VERSION"; then
       "$py" -m pip --disable-pip-version-check install --no-build-isolation "horovod==$HOROVOD_VERSION"
 fi
 
+"$py" deploy/patch_horovod.py  # Horovod's servers bind to one interface, not all (see the script)
+
 check=$("$VENV/bin/horovodrun" --check-build)
 for needed in PyTorch Gloo; do
   if ! grep -q "\[X\] $needed" <<<"$check"; then

@@ -4,9 +4,10 @@ from __future__ import annotations
 import os
 import sys
 
+import psutil
 from pyspark.sql import SparkSession
 
-from pipeline.config import SparkConfig
+from pipeline.config import ConfigError, SparkConfig
 
 DEFAULTS = {
     "spark.sql.session.timeZone": "UTC",
@@ -15,6 +16,39 @@ DEFAULTS = {
     # Python workers run PyTorch in mapInPandas; one BLAS thread each keeps cores from being oversubscribed.
     "spark.executorEnv.OMP_NUM_THREADS": "1",
 }
+LOOPBACK = "lo"
+BIND_VARIABLE = "DMF_BIND_INTERFACE"  # read by Horovod's find_port, as deploy/patch_horovod.py patches it
+
+
+def network_interface(cfg: SparkConfig) -> str | None:
+    """The interface every server of a run binds to: spark.network_interface, or loopback in local mode.
+    None (a cluster that names none) leaves Spark's and Horovod's defaults: every interface."""
+    if cfg.network_interface:
+        return cfg.network_interface
+    return LOOPBACK if (cfg.master or "").startswith("local") else None
+
+
+def interface_address(interface: str) -> str:
+    for addr in psutil.net_if_addrs().get(interface, []):
+        if addr.family.name == "AF_INET":
+            return addr.address
+    known = ", ".join(sorted(psutil.net_if_addrs()))
+    raise ConfigError(f"spark.network_interface={interface} is not an interface with an IPv4 address here "
+                      f"(this host has {known})")
+
+
+def network_conf(cfg: SparkConfig) -> dict:
+    """Spark settings that bind the driver to the run's interface, and the environment that binds the rest."""
+    interface = network_interface(cfg)
+    if interface is None:
+        return {}
+    address = interface_address(interface)
+    # Set before the JVM starts, which inherits them: the web UI binds to SPARK_LOCAL_IP (it has no setting
+    # of its own), and Horovod's driver-side servers run in this process.
+    os.environ["SPARK_LOCAL_IP"] = address
+    os.environ[BIND_VARIABLE] = interface
+    return {"spark.driver.bindAddress": address, "spark.driver.host": address,
+            f"spark.executorEnv.{BIND_VARIABLE}": interface}
 
 
 def session(cfg: SparkConfig) -> SparkSession:
@@ -24,7 +58,7 @@ def session(cfg: SparkConfig) -> SparkSession:
     # Python workers (mapInPandas, Horovod ranks) need the driver's environment unless told otherwise;
     # in local mode PySpark 3.5 reads only this variable for them, not spark.pyspark.python.
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-    for key, value in {**DEFAULTS, **cfg.conf}.items():
+    for key, value in {**DEFAULTS, **network_conf(cfg), **cfg.conf}.items():
         builder = builder.config(key, str(value))
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("WARN")

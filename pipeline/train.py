@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 
@@ -12,6 +13,7 @@ from pyspark.sql import SparkSession
 
 from pipeline import models, storage
 from pipeline.config import Config, ConfigError, TrainConfig
+from pipeline.spark import network_interface
 from pipeline.storage import StageError
 from pipeline.train_loop import load, rank_main, save
 
@@ -55,6 +57,8 @@ def read_table(data_dir: str, data: dict, name: str, columns: list[str] | None =
 def check(spark: SparkSession, cfg: Config, data_dir: str) -> tuple[dict, dict]:
     """The data manifest and model spec, or a clear error before any rank starts."""
     data = storage.read_manifest(data_dir, "prepare")
+    for split in ("train", "valid"):
+        check_plain_parquet(f"{data_dir.rstrip('/')}/{data['paths'][split]}")
     spec = model_spec(cfg.train, data, data_dir)
     try:
         models.check_spec(spec)
@@ -70,6 +74,17 @@ def check(spark: SparkSession, cfg: Config, data_dir: str) -> tuple[dict, dict]:
         raise StageError(f"train.num_proc={n} ranks need as many Spark task slots, and this Spark has {slots} "
                          f"(spark.master={spark.conf.get('spark.master')}): lower train.num_proc or add executors")
     return data, spec
+
+
+def check_plain_parquet(path: str) -> None:
+    """prepare writes part files only; a summary file (_metadata, _common_metadata) is none of its output and
+    can carry a pickle for petastorm (which the ranks never load): a directory holding one is refused."""
+    fs, plain = storage.filesystem(path)
+    for found in fs.ls(plain, detail=False):
+        name = os.path.basename(found.rstrip("/"))
+        if name in ("_metadata", "_common_metadata") or not (name.endswith(".parquet") or name.startswith(("_", "."))):
+            raise StageError(f"{path}/{name} is not a file that prepare writes (it writes part-*.parquet only): the "
+                             f"prepared data may have been tampered with; prepare it again")
 
 
 def initial_parameters(cfg: Config, spec: dict, data_dir: str, out: str) -> dict | None:
@@ -111,25 +126,29 @@ def make_job(cfg: Config, data_dir: str, data: dict, spec: dict, work: str, resu
             "progress": sys.stdout.isatty()}
 
 
-def train(spark: SparkSession, cfg: Config, data_dir: str, out: str, resume: bool = False) -> dict:
+def train(spark: SparkSession, cfg: Config, data_dir: str, out: str, resume: bool = False,
+          force: bool = False) -> dict:
     import horovod.spark
 
+    storage.check_output(out, "train", force)
     data, spec = check(spark, cfg, data_dir)
     init = initial_parameters(cfg, spec, data_dir, out)
-    work = f"{out.rstrip('/')}.checkpoint"
-    fs, plain_work = storage.filesystem(work)
-    if not resume and fs.exists(plain_work):
-        fs.rm(plain_work, recursive=True)
-    fs.makedirs(plain_work, exist_ok=True)
+    work = checkpoint_dir(out, resume)
     job = make_job(cfg, data_dir, data, spec, work, resume, init)
     log.info("train: %s on %s ratings, %d ranks", cfg.train.model, f"{data['counts']['train']:,}", cfg.train.num_proc)
     started = time.time()
-    results = sorted(horovod.spark.run(rank_main, args=(job,), num_proc=cfg.train.num_proc, verbose=0),
-                     key=lambda r: r["rank"])
+    try:
+        interface = network_interface(cfg.spark)
+        results = sorted(horovod.spark.run(rank_main, args=(job,), num_proc=cfg.train.num_proc, verbose=0,
+                                           nics={interface} if interface else None), key=lambda r: r["rank"])
+    except Exception as e:
+        raise StageError(f"training failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                         f"{out} is unchanged. The last epoch's checkpoint stays in {work} for "
+                         f"`dmf train --resume`; a run without --resume removes it") from e
     seconds = time.time() - started
     chief = results[0]
     best = next(h for h in chief["history"] if h["epoch"] == chief["best_epoch"])
-    with storage.publish(out) as tmp:
+    with storage.publish(out, "train", force) as tmp:
         save(load(job["weights"]), f"{tmp}/model.pt")
         plot_history(chief["history"], f"{tmp}/learning_curves.png", spec["model"])
         storage.write_manifest(tmp, {
@@ -140,8 +159,30 @@ def train(spark: SparkSession, cfg: Config, data_dir: str, out: str, resume: boo
             "history": chief["history"], "seconds": seconds,
             "metrics": {"valid_rmse": best["valid_rmse"], "valid_mae": best["valid_mae"],
                         "best_epoch": chief["best_epoch"], "epochs_run": len(chief["history"])}})
+    fs, plain_work = storage.filesystem(work)
     fs.rm(plain_work, recursive=True)
     return storage.read_manifest(out, "train")
+
+
+CHECKPOINT_FILES = ("checkpoint.pt", "best.pt")
+
+
+def checkpoint_dir(out: str, resume: bool) -> str:
+    """`<out>.checkpoint`, where rank 0 keeps the last epoch (for --resume) and the best weights; a run without
+    --resume starts it afresh. Only a directory of checkpoint files is ever removed."""
+    work = f"{out.rstrip('/')}.checkpoint"
+    fs, plain = storage.filesystem(work)
+    if fs.exists(plain) and not resume:
+        names = {os.path.basename(p.rstrip("/")) for p in fs.ls(plain, detail=False)} if fs.isdir(plain) else {None}
+        if not names <= {*CHECKPOINT_FILES, *(f"{n}.partial" for n in CHECKPOINT_FILES)}:
+            raise StageError(f"{work} holds files that are not training checkpoints "
+                             f"({', '.join(sorted(map(str, names)))}): "
+                             f"refusing to remove it; move it away or choose another --out")
+        fs.rm(plain, recursive=True)
+    if resume and not fs.exists(f"{plain}/checkpoint.pt"):
+        log.warning("train: --resume found no checkpoint in %s; starting from the first epoch", work)
+    fs.makedirs(plain, exist_ok=True)
+    return work
 
 
 def load_model(model_dir: str) -> tuple[models.RatingModel, dict]:

@@ -23,10 +23,22 @@ from pipeline.storage import filesystem
 COLUMNS = ("user_idx", "item_idx", "rating")
 
 
+def _no_stored_schema(dataset):
+    from petastorm.etl.dataset_metadata import PetastormMetadataError
+
+    raise PetastormMetadataError("dmf reads plain Parquet: a stored Unischema is never loaded")
+
+
 def read_shard(url: str, rank: int, size: int) -> dict[str, np.ndarray]:
     """This rank's row groups, in a canonical order so that a run does not depend on read order."""
     from petastorm import make_batch_reader
+    from petastorm.etl import dataset_metadata
 
+    # petastorm unpickles a Unischema from _common_metadata when it finds one, and its unpickler lets
+    # builtins such as exec through: anyone who can write into a data directory could run code on every
+    # rank. prepare writes plain Parquet, whose schema petastorm infers when no Unischema is found, so the
+    # loading is switched off (make_batch_reader and the Reader both reach it through this module global).
+    dataset_metadata.get_schema = _no_stored_schema
     warnings.filterwarnings("ignore", category=FutureWarning, module="petastorm")
     parts = {c: [] for c in COLUMNS}
     with make_batch_reader(url, cur_shard=rank, shard_count=size, num_epochs=1, shuffle_row_groups=False,
