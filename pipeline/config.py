@@ -111,6 +111,8 @@ class RecommendConfig:
 class EvaluateConfig:
     k: Positive = 10
     relevant_rating: float = 4.0  # any value: ratings scales differ (0.5-5, 1-10, ...)
+    # EASE, a peer in the report, inverts a dense item x item matrix per lambda tried (see pipeline/peers.py).
+    ease_max_items: NonNegative = 10_000
 
 
 def choices(cls, name: str) -> tuple:

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 from pyspark.sql import SparkSession
 
-from pipeline import metrics, storage
+from pipeline import metrics, peers, storage
 from pipeline.config import Config
 from pipeline.recommend import predict_pairs, seen_items, spark_table, top_n
 from pipeline.train import load_model, model_and_data, read_table
@@ -49,21 +49,24 @@ def evaluate(spark: SparkSession, cfg: Config, model_dir: str, data_dir: str | N
     valid_rows = read_table(data_dir, data, "valid", columns=["user_idx", "item_idx", "rating"])
     truth = (valid_rows[valid_rows.rating >= cfg.evaluate.relevant_rating]
              .groupby("user_idx").item_idx.apply(set))
-    ranked = top_n(spark, model_dir, truth.index.to_numpy(), seen_items(data_dir, data, ("train",)), k,
-                   cfg.recommend.users_per_block).toPandas()
+    seen = seen_items(data_dir, data, ("train",))
+    ranked = top_n(spark, model_dir, truth.index.to_numpy(), seen, k, cfg.recommend.users_per_block).toPandas()
     lists = ranked.groupby("user_idx", sort=False).item_idx.apply(list)  # in rank order already
     order = truth.index.intersection(lists.index)
-    ranking = metrics.ranking_metrics([lists[u] for u in order], [truth[u] for u in order], k)
+    relevant = [truth[u] for u in order]
+    recommended = [lists[u] for u in order]
     items = read_table(data_dir, data, "items").sort_values("item_idx")
     counts = items.train_count.to_numpy()
-    recommended = [lists[u] for u in order]
+    peer_report, popular = peers.evaluate_peers(seen, counts, order.to_numpy(), relevant, k,
+                                                cfg.evaluate.ease_max_items)
     report = {
         "model": model_dir, "data": data_dir, "k": k, "relevant_rating": cfg.evaluate.relevant_rating,
         "rating": {"rmse": rating["rmse"], "mae": rating["mae"], "rmse_rounded": rounded["rmse"],
                    "mae_rounded": rounded["mae"], "accuracy_rounded": total["exact"] / max(total["n"], 1),
                    "n": int(total["n"])},
-        "ranking": {**ranking, "catalog_coverage": metrics.catalog_coverage(recommended, len(items)),
-                    "mean_popularity": metrics.mean_popularity(recommended, counts)},
+        "ranking": {**peers.judged(recommended, relevant, k, counts),
+                    "users_given_most_popular": peers.same_lists(recommended, popular)},
+        "peers": peer_report,
     }
     sample = scored.select("prediction", "rating").limit(SAMPLE_FOR_PLOTS).toPandas()
     scored.unpersist()
@@ -121,10 +124,22 @@ def _save(fig, fs, path: str) -> None:
 
 
 def table(manifest: dict) -> str:
-    r, q, k = manifest["rating"], manifest["ranking"], manifest["k"]
-    rows = [("RMSE", r["rmse"]), ("MAE", r["mae"]), ("RMSE (rounded)", r["rmse_rounded"]),
-            ("accuracy (rounded)", r["accuracy_rounded"]), (f"precision@{k}", q[f"precision@{k}"]),
-            (f"recall@{k}", q[f"recall@{k}"]), (f"NDCG@{k}", q[f"ndcg@{k}"]), (f"MAP@{k}", q[f"map@{k}"]),
-            (f"hit rate@{k}", q[f"hit_rate@{k}"]), ("catalog coverage", q["catalog_coverage"]),
-            ("mean popularity", q["mean_popularity"])]
-    return "\n".join(f"  {name:<20} {value:10.4f}" for name, value in rows)
+    """The rating errors, then the model's ranking metrics beside the peers' on the same users."""
+    r, k = manifest["rating"], manifest["k"]
+    lines = [f"  {name:<20} {value:10.4f}" for name, value in (
+        ("RMSE", r["rmse"]), ("MAE", r["mae"]), ("RMSE (rounded)", r["rmse_rounded"]),
+        ("accuracy (rounded)", r["accuracy_rounded"]))]
+    columns = {"model": manifest["ranking"], "most popular": manifest["peers"]["most_popular"]}
+    ease = manifest["peers"].get("ease", {})
+    if "skipped" not in ease:
+        columns[f"EASE ({ease['lambda']:g})"] = ease
+    lines.append(f"  {'':<20}" + "".join(f"{name:>16}" for name in columns))
+    for name, key in ((f"precision@{k}", f"precision@{k}"), (f"recall@{k}", f"recall@{k}"),
+                      (f"NDCG@{k}", f"ndcg@{k}"), (f"MAP@{k}", f"map@{k}"), (f"hit rate@{k}", f"hit_rate@{k}"),
+                      ("catalog coverage", "catalog_coverage"), ("mean popularity", "mean_popularity")):
+        lines.append(f"  {name:<20}" + "".join(f"{column[key]:16.4f}" for column in columns.values()))
+    popular = manifest["peers"]["most_popular"][f"ndcg@{k}"]
+    lines.append(f"  NDCG@{k} against most popular: {manifest['ranking'][f'ndcg@{k}'] / popular:.2f}x; "
+                 f"{manifest['ranking']['users_given_most_popular']:.1%} of users get the most-popular list"
+                 + (f"; EASE skipped: {ease['skipped']}" if "skipped" in ease else ""))
+    return "\n".join(lines)

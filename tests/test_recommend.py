@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline import config, evaluate, recommend, train
+from pipeline import config, evaluate, peers, recommend, train
 from pipeline.config import ConfigError
 from pipeline.storage import StageError
 
@@ -78,6 +78,10 @@ def test_evaluate_matches_the_training_metrics(spark, trained):
     trained_manifest = train.load_model(str(base / "model"))[1]
     assert m["rating"]["rmse"] == pytest.approx(trained_manifest["metrics"]["valid_rmse"], abs=1e-5)
     assert 0 <= m["ranking"]["ndcg@10"] <= 1 and m["ranking"]["users"] > 0
+    # The peers are judged on the same users with the same metric functions.
+    assert m["peers"]["most_popular"]["users"] == m["peers"]["ease"]["users"] == m["ranking"]["users"]
+    assert m["peers"]["ease"]["lambda"] in peers.EASE_LAMBDAS and 0 <= m["ranking"]["users_given_most_popular"] <= 1
+    assert "most popular" in evaluate.table(m) and "EASE" in evaluate.table(m)
     for png in ("learning_curves.png", "predictions.png", "item_embeddings.png"):
         assert (base / "report" / png).stat().st_size > 1000
 
