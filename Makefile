@@ -1,19 +1,26 @@
 # Two commands do everything on a fresh machine: `make run` and `make test`.
 VENV ?= .venv
 STAMP := $(VENV)/.pipeline-installed
+AIRFLOW_STAMP := .venv-airflow/.airflow-installed
 export PYSPARK_PYTHON := $(abspath $(VENV))/bin/python
 
-.PHONY: install run test bench clean
+.PHONY: install airflow-venv run test bench clean
 
 install: $(STAMP)
 
 $(STAMP): pyproject.toml deploy/install.sh deploy/cxx17 deploy/patch_horovod.py
 	VENV=$(VENV) ./deploy/install.sh
 
+# Airflow in a venv of its own (its pins clash with .venv's), for tests/test_deploy.py's DagBag check.
+airflow-venv: $(AIRFLOW_STAMP)
+
+$(AIRFLOW_STAMP): deploy/airflow/install.sh
+	./deploy/airflow/install.sh
+
 run: install
 	$(VENV)/bin/dmf run --config conf/local.yaml
 
-test: install
+test: install airflow-venv
 	$(VENV)/bin/python -m pytest tests
 
 clean:

@@ -14,9 +14,12 @@ log = logging.getLogger("pipeline")
 
 # flag -> (config key, type, help)
 COMMON = {
-    "--work-dir": ("work_dir", str, "work directory holding prepared/, models/, recommendations/, reports/"),
+    "--work-dir": ("work_dir", str, "work directory holding runs/ (dmf run) and the stage commands' prepared/, "
+                                    "models/, recommendations/, reports/"),
     "--dataset": ("dataset", str, "dataset name, used in default output paths"),
     "--run": ("run", str, "run name, used in default output paths"),
+    "--run-id": ("schedule.run_id", str, "a dated run: outputs under work_dir/runs/RUN_ID/ (dmf run's default: "
+                                         "today's UTC date; other commands: the work directory's paths)"),
     "--master": ("spark.master", str, "Spark master, e.g. local[2] (spark-submit sets its own)"),
 }
 STAGE_FLAGS = {
@@ -59,6 +62,7 @@ STAGE_FLAGS["recommend"] = {"--top-n": ("recommend.top_n", int, "recommendations
                                                                           "model (0: score every item)")}
 STAGE_FLAGS["predict"] = {}
 STAGE_FLAGS["similar"] = {}
+STAGE_FLAGS["current"] = {}
 STAGE_FLAGS["run"] = {"--input": STAGE_FLAGS["prepare"]["--input"], **TRAIN_FLAGS, **STAGE_FLAGS["recommend"]}
 HELP = {
     "synth": "generate MovieLens-shaped ratings with a planted low-rank structure",
@@ -68,7 +72,9 @@ HELP = {
     "recommend": "top-N unseen items for every user, in the original ids",
     "predict": "score given (user, item) pairs",
     "similar": "nearest items to one item in embedding space",
-    "run": "the whole pipeline: synth (or --input), prepare, train, evaluate, recommend",
+    "run": "the whole pipeline into work_dir/runs/RUN_ID/: synth (or --input), prepare, train, evaluate, "
+           "recommend; then the gate, and CURRENT moves to the run if it passes",
+    "current": "print the run work_dir/runs/CURRENT points at, or point it at an earlier good run (--set ID)",
 }
 
 
@@ -81,13 +87,20 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("--config", help="YAML config (see conf/); the built-in defaults are conf/local.yaml")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override one config key, e.g. --set train.lr=0.005 (repeatable)")
-        if name not in ("run", "similar"):
+        if name == "current":
+            p.add_argument("--to", dest="point_at", metavar="RUN_ID",
+                           help="point CURRENT at this run (complete, and passed its gate): a rollback")
+        if name not in ("run", "similar", "current"):
             p.add_argument("--out", help="output directory (default under the work directory)")
-        if name != "similar":
+        if name == "run":
+            p.add_argument("--redo", action="store_true",
+                           help="run every stage again, replacing the run's outputs (default: skip the stages "
+                                "whose output in the run is complete)")
+        if name not in ("similar", "current"):
             p.add_argument("--force", action="store_true",
                            help="replace an output directory that is not an earlier output of this stage (a plain "
                                 "file is never replaced); without it such a path is refused before any work")
-        if name not in ("synth", "prepare", "run"):
+        if name not in ("synth", "prepare", "run", "current"):
             p.add_argument("--data", help="prepared data directory (default: work_dir/prepared/DATASET, or the "
                                           "one the model was trained on)")
         if name in ("evaluate", "recommend", "predict", "similar"):
@@ -103,7 +116,8 @@ def parser() -> argparse.ArgumentParser:
         if name == "similar":
             p.add_argument("--item", type=int, required=True, help="original item id")
             p.add_argument("--n", type=int, default=10, help="how many neighbours (default 10)")
-        for flag, (key, kind, text) in {**COMMON, **flags}.items():
+        common = {"--work-dir": COMMON["--work-dir"]} if name == "current" else COMMON
+        for flag, (key, kind, text) in {**common, **flags}.items():
             dest = "cfg__" + key.replace(".", "__")
             metavar = flag.lstrip("-").upper().replace("-", "_")
             if kind is bool:

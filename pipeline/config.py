@@ -5,12 +5,13 @@ settings together live in Config.validate. Unknown keys, values of the wrong typ
 range fail here, before any Spark job or rank starts.
 """
 import dataclasses
+import datetime
 import typing
 from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import ConfigDict, Field, ValidationError
+from pydantic import BeforeValidator, ConfigDict, Field, ValidationError
 from pydantic.dataclasses import dataclass
 
 # Lax mode: YAML's 1 is a valid float and --set's "8" a valid int; strict mode would refuse nested mappings.
@@ -18,6 +19,11 @@ SETTINGS = ConfigDict(extra="forbid")
 NonNegative = Annotated[int, Field(ge=0)]
 Positive = Annotated[int, Field(ge=1)]
 Seed = NonNegative  # numpy's generators take no negative seed
+
+
+# A run directory's name; YAML (a file or --set) reads an unquoted 2025-06-01 as a date.
+RunId = Annotated[str, BeforeValidator(lambda v: v.isoformat() if isinstance(v, datetime.date) else v),
+                  Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
 
 
 class ConfigError(ValueError):
@@ -115,6 +121,18 @@ class EvaluateConfig:
     ease_max_items: NonNegative = 10_000
 
 
+@dataclass(config=SETTINGS)
+class ScheduleConfig:
+    # dmf run writes under work_dir/runs/RUN_ID/ (None: today's UTC date); a stage command only when it is set.
+    run_id: RunId | None = None
+    # The gate in front of CURRENT: bounds on the evaluate report (None or 0: not checked) and on how much worse
+    # than CURRENT's run, as a fraction of its RMSE and of its NDCG@k, a new run may be.
+    max_valid_rmse: float | None = Field(None, gt=0)
+    min_ndcg: float = Field(0.0, ge=0, le=1)
+    max_regression: float = Field(0.05, ge=0)
+    keep_runs: Positive = 7  # the newest runs that retention keeps, besides the one CURRENT points at
+
+
 def choices(cls, name: str) -> tuple:
     """The values a Literal setting takes, e.g. choices(TrainConfig, "model")."""
     return typing.get_args(typing.get_type_hints(cls)[name])
@@ -131,6 +149,7 @@ class Config:
     train: TrainConfig = Field(default_factory=TrainConfig)
     recommend: RecommendConfig = Field(default_factory=RecommendConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
 
     def path(self, *parts: str) -> str:
         """A path under the work directory, e.g. cfg.path("prepared", cfg.dataset)."""

@@ -2,21 +2,33 @@
 from __future__ import annotations
 
 from pipeline import prepare as prepare_mod
+from pipeline import runs
 from pipeline.config import Config
 from pipeline.spark import session
+from pipeline.storage import StageError
+
+
+def _where(cfg: Config, given: str | None, stage: str, *default: str) -> str:
+    """A stage's path: the one given, else that stage's directory in the run --run-id names, else the work
+    directory's default (e.g. "models", cfg.run)."""
+    if given:
+        return given
+    if cfg.schedule.run_id:
+        return runs.stage_dir(cfg, runs.run_id(cfg), stage)
+    return cfg.path(*default)
 
 
 def synth(cfg: Config, args) -> str:
     from pipeline import synth as synth_mod
 
-    out = getattr(args, "out", None) or cfg.path("synth", cfg.dataset)
+    out = _where(cfg, getattr(args, "out", None), "synth", "synth", cfg.dataset)
     manifest = synth_mod.generate(session(cfg.spark), cfg.synth, out, force=_force(args))
     return (f"synthetic ratings -> {out}\n  {manifest['counts']['ratings']:,} ratings, "
             f"oracle RMSE {manifest['oracle_rmse']:.4f}")
 
 
 def prepare(cfg: Config, args) -> str:
-    out = getattr(args, "out", None) or cfg.path("prepared", cfg.dataset)
+    out = _where(cfg, getattr(args, "out", None), "prepare", "prepared", cfg.dataset)
     manifest = prepare_mod.prepare(session(cfg.spark), cfg, cfg.prepare.input, out, force=_force(args))
     return prepare_mod.summary(manifest, out)
 
@@ -24,8 +36,8 @@ def prepare(cfg: Config, args) -> str:
 def train(cfg: Config, args) -> str:
     from pipeline import train as train_mod
 
-    data = getattr(args, "data", None) or cfg.path("prepared", cfg.dataset)
-    out = getattr(args, "out", None) or cfg.path("models", cfg.run)
+    data = _where(cfg, getattr(args, "data", None), "prepare", "prepared", cfg.dataset)
+    out = _where(cfg, getattr(args, "out", None), "train", "models", cfg.run)
     manifest = train_mod.train(session(cfg.spark), cfg, data, out, resume=getattr(args, "resume", False),
                                force=_force(args))
     return train_mod.summary(manifest, out)
@@ -36,13 +48,13 @@ def _force(args) -> bool:
 
 
 def _model_dir(cfg: Config, args) -> str:
-    return getattr(args, "model_dir", None) or cfg.path("models", cfg.run)
+    return _where(cfg, getattr(args, "model_dir", None), "train", "models", cfg.run)
 
 
 def evaluate(cfg: Config, args) -> str:
     from pipeline import evaluate as evaluate_mod
 
-    out = getattr(args, "out", None) or cfg.path("reports", cfg.run)
+    out = _where(cfg, getattr(args, "out", None), "evaluate", "reports", cfg.run)
     manifest = evaluate_mod.evaluate(session(cfg.spark), cfg, _model_dir(cfg, args), getattr(args, "data", None), out,
                                      force=_force(args))
     return f"evaluation -> {out}/metrics.json (and pictures)\n{evaluate_mod.table(manifest)}"
@@ -51,7 +63,7 @@ def evaluate(cfg: Config, args) -> str:
 def recommend(cfg: Config, args) -> str:
     from pipeline import recommend as recommend_mod
 
-    out = getattr(args, "out", None) or cfg.path("recommendations", cfg.run)
+    out = _where(cfg, getattr(args, "out", None), "recommend", "recommendations", cfg.run)
     manifest = recommend_mod.recommend(session(cfg.spark), cfg, _model_dir(cfg, args), getattr(args, "data", None), out,
                                        retrieval_model_dir=getattr(args, "retrieval_model_dir", None),
                                        force=_force(args))
@@ -77,16 +89,53 @@ def similar(cfg: Config, args) -> str:
 
 
 def run(cfg: Config, args) -> str:
-    lines = []
-    if not cfg.prepare.input:
-        lines.append(synth(cfg, args))
-        cfg.prepare.input = cfg.path("synth", cfg.dataset)
-    lines.append(prepare(cfg, args))
-    lines.append(train(cfg, args))
-    lines.append(evaluate(cfg, args))
-    lines.append(recommend(cfg, args))
+    """Every stage into runs/ID/, skipping those already complete there (unless --redo); then the gate, and
+    CURRENT moves to this run only if it passes; then retention. A refused gate fails the command."""
+    rid = cfg.schedule.run_id = runs.run_id(cfg)
+    redo = getattr(args, "redo", False)
+    with runs.lock(cfg, rid):
+        if redo and runs.current(cfg) == rid:
+            raise StageError(f"run {rid} is the one CURRENT points at, which consumers read: --redo would replace "
+                             f"it in place. Point CURRENT at another run first (dmf current --to ID), or use a "
+                             f"new --run-id")
+        lines = [f"run {rid} -> {runs.run_dir(cfg, rid)}"]
+        steps = [("prepare", prepare), ("train", train), ("evaluate", evaluate), ("recommend", recommend)]
+        if not cfg.prepare.input:
+            cfg.prepare.input = runs.stage_dir(cfg, rid, "synth")
+            if redo or not runs.done(runs.stage_dir(cfg, rid, "prepare"), "prepare"):  # prepare alone reads it
+                steps.insert(0, ("synth", synth))
+        ran = False  # once a stage runs, every later one does: their outputs derive from it
+        for stage, command in steps:
+            out = runs.stage_dir(cfg, rid, stage)
+            if not (redo or ran) and runs.done(out, stage):
+                lines.append(f"{stage}: {out} is complete, skipped (--redo runs it again)")
+                continue
+            lines.append(command(cfg, args))
+            ran = True
+        verdict = runs.gate(cfg, rid)
+        lines.append(runs.summary(verdict))
+        if verdict["passed"] and runs.current(cfg) != rid:
+            runs.point_at(cfg, rid, "dmf run: gate passed")
+        removed = runs.prune(cfg)
+        if removed:
+            lines.append(f"retention: removed {', '.join(removed)} (schedule.keep_runs={cfg.schedule.keep_runs})")
+        lines.append(f"CURRENT -> {runs.current(cfg)} ({runs.root(cfg)}/{runs.POINTER})")
+    if not verdict["passed"]:
+        print("\n".join(lines))
+        raise StageError(f"the gate refused run {rid}: {'; '.join(verdict['reasons'])}. CURRENT still points at "
+                         f"{runs.current(cfg)}; {runs.run_dir(cfg, rid)}/{runs.GATE} has the verdict")
     return "\n".join(lines)
 
 
+def current(cfg: Config, args) -> str:
+    if args.point_at:
+        with runs.lock(cfg, args.point_at):
+            runs.rollback(cfg, args.point_at)
+    rid = runs.current(cfg)
+    if rid is None:
+        return f"{runs.root(cfg)}/{runs.POINTER} does not exist yet: no run has passed its gate"
+    return f"CURRENT -> {rid} ({runs.run_dir(cfg, rid)})"
+
+
 COMMANDS = {"synth": synth, "prepare": prepare, "train": train, "evaluate": evaluate, "recommend": recommend,
-            "predict": predict, "similar": similar, "run": run}
+            "predict": predict, "similar": similar, "run": run, "current": current}
