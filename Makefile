@@ -4,7 +4,7 @@ STAMP := $(VENV)/.pipeline-installed
 AIRFLOW_STAMP := .venv-airflow/.airflow-installed
 export PYSPARK_PYTHON := $(abspath $(VENV))/bin/python
 
-.PHONY: install airflow-venv run test bench clean
+.PHONY: install airflow-venv postgres run test bench clean
 
 install: $(STAMP)
 
@@ -17,10 +17,16 @@ airflow-venv: $(AIRFLOW_STAMP)
 $(AIRFLOW_STAMP): deploy/airflow/install.sh
 	./deploy/airflow/install.sh
 
+# make run DB_URL=postgresql://dmf@127.0.0.1:5432/dmf publishes after the gate (password: PGPASSWORD or ~/.pgpass).
+DB_URL ?=
 run: install
-	$(VENV)/bin/dmf run --config conf/local.yaml
+	$(VENV)/bin/dmf run --config conf/local.yaml $(if $(DB_URL),--set publish.db_url=$(DB_URL))
 
-test: install airflow-venv
+# PostgreSQL's server binaries and JDBC jar, for tests/test_publish.py (a throwaway server on 127.0.0.1).
+postgres:
+	./deploy/install_postgres.sh
+
+test: install airflow-venv postgres
 	$(VENV)/bin/python -m pytest tests
 
 clean:

@@ -63,6 +63,16 @@ STAGE_FLAGS["recommend"] = {"--top-n": ("recommend.top_n", int, "recommendations
 STAGE_FLAGS["predict"] = {}
 STAGE_FLAGS["similar"] = {}
 STAGE_FLAGS["current"] = {}
+PUBLISH_FLAGS = {
+    "--db-url": ("publish.db_url", str, "postgresql://USER@HOST:PORT/DB; the password comes from PGPASSWORD or "
+                                        "~/.pgpass, never from the URL"),
+    "--table": ("publish.table", str, "the table the login path reads (schema.table allowed)"),
+}
+STAGE_FLAGS["publish"] = {**PUBLISH_FLAGS,
+                          "--similar": ("publish.similar", bool, "also publish each item's most similar items"),
+                          "--similar-table": ("publish.similar_table", str, "their table (default TABLE_similar)"),
+                          "--similar-k": ("publish.similar_k", int, "similar items per item")}
+STAGE_FLAGS["lookup"] = PUBLISH_FLAGS
 STAGE_FLAGS["run"] = {"--input": STAGE_FLAGS["prepare"]["--input"], **TRAIN_FLAGS, **STAGE_FLAGS["recommend"]}
 HELP = {
     "synth": "generate MovieLens-shaped ratings with a planted low-rank structure",
@@ -74,6 +84,9 @@ HELP = {
     "similar": "nearest items to one item in embedding space",
     "run": "the whole pipeline into work_dir/runs/RUN_ID/: synth (or --input), prepare, train, evaluate, "
            "recommend; then the gate, and CURRENT moves to the run if it passes",
+    "publish": "load a recommend output into PostgreSQL (and a most-popular fallback, and with --similar each "
+               "item's similar items), swapped in by one transaction",
+    "lookup": "print one user's published recommendations, or the most-popular fallback for an unknown user",
     "current": "print the run work_dir/runs/CURRENT points at, or point it at an earlier good run (--set ID)",
 }
 
@@ -90,21 +103,29 @@ def parser() -> argparse.ArgumentParser:
         if name == "current":
             p.add_argument("--to", dest="point_at", metavar="RUN_ID",
                            help="point CURRENT at this run (complete, and passed its gate): a rollback")
-        if name not in ("run", "similar", "current"):
+        if name not in ("run", "similar", "current", "publish", "lookup"):
             p.add_argument("--out", help="output directory (default under the work directory)")
         if name == "run":
             p.add_argument("--redo", action="store_true",
                            help="run every stage again, replacing the run's outputs (default: skip the stages "
                                 "whose output in the run is complete)")
-        if name not in ("similar", "current"):
+        if name not in ("similar", "current", "publish", "lookup"):
             p.add_argument("--force", action="store_true",
                            help="replace an output directory that is not an earlier output of this stage (a plain "
                                 "file is never replaced); without it such a path is refused before any work")
-        if name not in ("synth", "prepare", "run", "current"):
+        if name not in ("synth", "prepare", "run", "current", "publish", "lookup"):
             p.add_argument("--data", help="prepared data directory (default: work_dir/prepared/DATASET, or the "
                                           "one the model was trained on)")
         if name in ("evaluate", "recommend", "predict", "similar"):
             p.add_argument("--model", dest="model_dir", help="model directory (default: work_dir/models/RUN)")
+        if name == "publish":
+            p.add_argument("--recs", help="recommend output directory (default: the run's, or "
+                                          "work_dir/recommendations/RUN)")
+            p.add_argument("--model", dest="model_dir", help="model whose similar items to publish (implies "
+                                                             "--similar; default: the one the recommendations "
+                                                             "came from)")
+        if name == "lookup":
+            p.add_argument("--user", type=int, required=True, help="original user id")
         if name == "recommend":
             p.add_argument("--retrieval-model", dest="retrieval_model_dir",
                            help="two-stage: the mf or two_tower model that retrieves candidates (default: the model "

@@ -7,6 +7,7 @@ range fail here, before any Spark job or rank starts.
 import dataclasses
 import datetime
 import typing
+import urllib.parse
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -133,6 +134,22 @@ class ScheduleConfig:
     keep_runs: Positive = 7  # the newest runs that retention keeps, besides the one CURRENT points at
 
 
+# A table name as pipeline.publish.table_name takes it: a plain identifier, optionally schema-qualified.
+TableName = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,50}(\.[A-Za-z_][A-Za-z0-9_]{0,50})?$")]
+
+
+@dataclass(config=SETTINGS)
+class PublishConfig:
+    # postgresql://USER@HOST:PORT/DB; None: dmf run publishes nothing. The password comes only from PGPASSWORD
+    # or ~/.pgpass (PGPASSFILE): a URL carrying one is refused.
+    db_url: str | None = None
+    table: TableName = "recommendations"  # what the login path reads; <table>_popular is the fallback beside it
+    similar: bool = False  # also each item's similar_k nearest items, from the model the recommendations came from
+    similar_table: TableName | None = None  # None: <table>_similar
+    similar_k: int = Field(10, ge=1, le=1000)
+    writers: Positive = 8  # Spark's concurrent JDBC connections to the database
+
+
 def choices(cls, name: str) -> tuple:
     """The values a Literal setting takes, e.g. choices(TrainConfig, "model")."""
     return typing.get_args(typing.get_type_hints(cls)[name])
@@ -150,6 +167,7 @@ class Config:
     recommend: RecommendConfig = Field(default_factory=RecommendConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    publish: PublishConfig = Field(default_factory=PublishConfig)
 
     def path(self, *parts: str) -> str:
         """A path under the work directory, e.g. cfg.path("prepared", cfg.dataset)."""
@@ -171,6 +189,8 @@ class Config:
             (self.train.model != "mf" or self.train.user_dim == self.train.item_dim,
              "train.model mf takes a dot product, so train.user_dim must equal train.item_dim"),
             (self.train.model != "two_tower" or self.train.hidden, "two_tower needs train.hidden"),
+            (not self.publish.db_url or urllib.parse.urlsplit(self.publish.db_url).password is None,
+             "publish.db_url carries a password: remove it and set PGPASSWORD or add a ~/.pgpass line instead"),
             (self.recommend.candidates == 0 or self.recommend.candidates >= self.recommend.top_n,
              "recommend.candidates must be 0 (score every item) or at least recommend.top_n"),
         ]

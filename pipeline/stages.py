@@ -18,18 +18,30 @@ def _where(cfg: Config, given: str | None, stage: str, *default: str) -> str:
     return cfg.path(*default)
 
 
+def _spark(cfg: Config):
+    """The session; in local mode with a database to publish to, with the PostgreSQL JDBC jar on its classpath
+    (spark-submit takes --jars). It must be set before the first session starts, hence in every stage."""
+    conf = cfg.spark
+    if cfg.publish.db_url and (conf.master or "").startswith("local") and "spark.jars" not in conf.conf:
+        from pipeline.publish import jdbc_jar
+
+        if jar := jdbc_jar():
+            conf.conf["spark.jars"] = jar
+    return session(conf)
+
+
 def synth(cfg: Config, args) -> str:
     from pipeline import synth as synth_mod
 
     out = _where(cfg, getattr(args, "out", None), "synth", "synth", cfg.dataset)
-    manifest = synth_mod.generate(session(cfg.spark), cfg.synth, out, force=_force(args))
+    manifest = synth_mod.generate(_spark(cfg), cfg.synth, out, force=_force(args))
     return (f"synthetic ratings -> {out}\n  {manifest['counts']['ratings']:,} ratings, "
             f"oracle RMSE {manifest['oracle_rmse']:.4f}")
 
 
 def prepare(cfg: Config, args) -> str:
     out = _where(cfg, getattr(args, "out", None), "prepare", "prepared", cfg.dataset)
-    manifest = prepare_mod.prepare(session(cfg.spark), cfg, cfg.prepare.input, out, force=_force(args))
+    manifest = prepare_mod.prepare(_spark(cfg), cfg, cfg.prepare.input, out, force=_force(args))
     return prepare_mod.summary(manifest, out)
 
 
@@ -38,7 +50,7 @@ def train(cfg: Config, args) -> str:
 
     data = _where(cfg, getattr(args, "data", None), "prepare", "prepared", cfg.dataset)
     out = _where(cfg, getattr(args, "out", None), "train", "models", cfg.run)
-    manifest = train_mod.train(session(cfg.spark), cfg, data, out, resume=getattr(args, "resume", False),
+    manifest = train_mod.train(_spark(cfg), cfg, data, out, resume=getattr(args, "resume", False),
                                force=_force(args))
     return train_mod.summary(manifest, out)
 
@@ -55,7 +67,7 @@ def evaluate(cfg: Config, args) -> str:
     from pipeline import evaluate as evaluate_mod
 
     out = _where(cfg, getattr(args, "out", None), "evaluate", "reports", cfg.run)
-    manifest = evaluate_mod.evaluate(session(cfg.spark), cfg, _model_dir(cfg, args), getattr(args, "data", None), out,
+    manifest = evaluate_mod.evaluate(_spark(cfg), cfg, _model_dir(cfg, args), getattr(args, "data", None), out,
                                      force=_force(args))
     return f"evaluation -> {out}/metrics.json (and pictures)\n{evaluate_mod.table(manifest)}"
 
@@ -64,7 +76,7 @@ def recommend(cfg: Config, args) -> str:
     from pipeline import recommend as recommend_mod
 
     out = _where(cfg, getattr(args, "out", None), "recommend", "recommendations", cfg.run)
-    manifest = recommend_mod.recommend(session(cfg.spark), cfg, _model_dir(cfg, args), getattr(args, "data", None), out,
+    manifest = recommend_mod.recommend(_spark(cfg), cfg, _model_dir(cfg, args), getattr(args, "data", None), out,
                                        retrieval_model_dir=getattr(args, "retrieval_model_dir", None),
                                        force=_force(args))
     return recommend_mod.summary(manifest, out)
@@ -74,7 +86,7 @@ def predict(cfg: Config, args) -> str:
     from pipeline import predict as predict_mod
 
     out = args.out or cfg.path("predictions", cfg.run)
-    manifest = predict_mod.predict(session(cfg.spark), _model_dir(cfg, args), args.pairs, out, args.data,
+    manifest = predict_mod.predict(_spark(cfg), _model_dir(cfg, args), args.pairs, out, args.data,
                                    force=_force(args))
     c = manifest["counts"]
     return (f"predictions -> {out}/predictions\n  {c['rows']:,} rows: {c['known']:,} scored by the model, "
@@ -86,6 +98,33 @@ def similar(cfg: Config, args) -> str:
 
     table = predict_mod.similar(_model_dir(cfg, args), args.item, args.n, args.data)
     return table.to_string(index=False)
+
+
+def _db_url(cfg: Config) -> str:
+    if not cfg.publish.db_url:
+        raise StageError("no database given: pass --db-url postgresql://USER@HOST:PORT/DB or set publish.db_url")
+    return cfg.publish.db_url
+
+
+def publish(cfg: Config, args) -> str:
+    from pipeline import publish as publish_mod
+    from pipeline import storage
+
+    p = cfg.publish
+    db_url = _db_url(cfg)
+    recs = _where(cfg, getattr(args, "recs", None), "recommend", "recommendations", cfg.run)
+    model = getattr(args, "model_dir", None)
+    if p.similar and not model:
+        model = storage.read_manifest(recs, "recommend")["model"]
+    result = publish_mod.publish(_spark(cfg), recs, db_url, p.table, model_dir=model, similar_table=p.similar_table,
+                                 similar_k=p.similar_k, run_id=cfg.schedule.run_id or cfg.run, writers=p.writers)
+    return publish_mod.summary(result)
+
+
+def lookup(cfg: Config, args) -> str:
+    from pipeline import publish as publish_mod
+
+    return publish_mod.show(_db_url(cfg), cfg.publish.table, args.user)
 
 
 def run(cfg: Config, args) -> str:
@@ -116,6 +155,8 @@ def run(cfg: Config, args) -> str:
         lines.append(runs.summary(verdict))
         if verdict["passed"] and runs.current(cfg) != rid:
             runs.point_at(cfg, rid, "dmf run: gate passed")
+        if verdict["passed"] and cfg.publish.db_url:  # the login path follows CURRENT
+            lines.append(publish(cfg, args))
         removed = runs.prune(cfg)
         if removed:
             lines.append(f"retention: removed {', '.join(removed)} (schedule.keep_runs={cfg.schedule.keep_runs})")
@@ -138,4 +179,5 @@ def current(cfg: Config, args) -> str:
 
 
 COMMANDS = {"synth": synth, "prepare": prepare, "train": train, "evaluate": evaluate, "recommend": recommend,
-            "predict": predict, "similar": similar, "run": run, "current": current}
+            "predict": predict, "similar": similar, "run": run, "current": current,
+            "publish": publish, "lookup": lookup}

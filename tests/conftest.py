@@ -4,6 +4,7 @@ import pytest
 
 from pipeline import config, prepare, synth, train
 from pipeline.config import SparkConfig
+from pipeline.publish import jdbc_jar
 from pipeline.spark import session
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "movielens" / "ml-100k"
@@ -15,6 +16,7 @@ def spark():
         "spark.sql.shuffle.partitions": "4",
         "spark.default.parallelism": "2",
         "spark.driver.memory": "2g",
+        **({"spark.jars": jdbc_jar()} if jdbc_jar() else {}),  # for tests/test_publish.py
     }))
     yield spark
     spark.stop()
@@ -38,3 +40,12 @@ def small_mf(spark, tmp_path_factory):
     prepare.prepare(spark, cfg, str(base / "raw"), str(base / "data"))
     train.train(spark, cfg, str(base / "data"), str(base / "model"))
     return cfg, base
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A throwaway PostgreSQL server on 127.0.0.1 with a password-authenticated role (tests/postgres.py)."""
+    from postgres import temporary_server
+
+    with temporary_server() as server:
+        yield server
