@@ -56,7 +56,7 @@ STAGE_FLAGS["train"] = TRAIN_FLAGS
 STAGE_FLAGS["evaluate"] = {"--k": ("evaluate.k", int, "cut-off of the ranking metrics"),
                            "--relevant-rating": ("evaluate.relevant_rating", float, "validation ratings at or above this are relevant")}
 STAGE_FLAGS["recommend"] = {"--top-n": ("recommend.top_n", int, "recommendations per user (1-1000)"),
-                            "--format": ("recommend.format", str, "parquet or csv"),
+                            "--output-format": ("recommend.format", str, "parquet or csv"),
                             "--candidates": ("recommend.candidates", int, "two-stage: retrieve this many unseen items "
                                                                           "per user by dot product, re-rank with the "
                                                                           "model (0: score every item)")}
@@ -73,7 +73,14 @@ STAGE_FLAGS["publish"] = {**PUBLISH_FLAGS,
                           "--similar-table": ("publish.similar_table", str, "their table (default TABLE_similar)"),
                           "--similar-k": ("publish.similar_k", int, "similar items per item")}
 STAGE_FLAGS["lookup"] = PUBLISH_FLAGS
-STAGE_FLAGS["run"] = {"--input": STAGE_FLAGS["prepare"]["--input"], **TRAIN_FLAGS, **STAGE_FLAGS["recommend"]}
+STAGE_FLAGS["run"] = {flag: STAGE_FLAGS["prepare"][flag] for flag in ("--input", "--format")} | TRAIN_FLAGS | \
+    STAGE_FLAGS["recommend"]
+# One meaning per flag in every command: --model names a model kind (train, run), --model-dir a trained model's
+# directory, --format the input's format (prepare, run), --output-format the lists'. The old spellings still
+# work for one release, with a message: command -> {old flag: new flag}.
+RENAMED = {**{name: {"--model": "--model-dir"} for name in ("evaluate", "recommend", "predict", "similar", "publish")},
+           "recommend": {"--model": "--model-dir", "--retrieval-model": "--retrieval-model-dir",
+                         "--format": "--output-format"}}
 HELP = {
     "synth": "generate MovieLens-shaped ratings with a planted low-rank structure",
     "prepare": "ingest, validate, split and remap ratings into Parquet for training",
@@ -117,17 +124,16 @@ def parser() -> argparse.ArgumentParser:
             p.add_argument("--data", help="prepared data directory (default: work_dir/prepared/DATASET, or the "
                                           "one the model was trained on)")
         if name in ("evaluate", "recommend", "predict", "similar"):
-            p.add_argument("--model", dest="model_dir", help="model directory (default: work_dir/models/RUN)")
+            p.add_argument("--model-dir", help="trained model directory (default: work_dir/models/RUN)")
         if name == "publish":
             p.add_argument("--recs", help="recommend output directory (default: the run's, or "
                                           "work_dir/recommendations/RUN)")
-            p.add_argument("--model", dest="model_dir", help="model whose similar items to publish (implies "
-                                                             "--similar; default: the one the recommendations "
-                                                             "came from)")
+            p.add_argument("--model-dir", help="model whose similar items to publish (implies --similar; "
+                                               "default: the one the recommendations came from)")
         if name == "lookup":
             p.add_argument("--user", type=int, required=True, help="original user id")
         if name == "recommend":
-            p.add_argument("--retrieval-model", dest="retrieval_model_dir",
+            p.add_argument("--retrieval-model-dir",
                            help="two-stage: the mf or two_tower model that retrieves candidates (default: the model "
                                 "itself, which must then be mf or two_tower)")
         if name == "train":
@@ -145,7 +151,24 @@ def parser() -> argparse.ArgumentParser:
                 p.add_argument(flag, dest=dest, action="store_const", const=True, help=f"{text} [{key}]")
             else:
                 p.add_argument(flag, dest=dest, type=kind, metavar=metavar, help=f"{text} [{key}]")
+        for old in RENAMED.get(name, {}):
+            p.add_argument(old, dest=f"renamed__{old}", help=argparse.SUPPRESS)
     return top
+
+
+def renamed_flags(args) -> list[str]:
+    """Moves the values given under old spellings (RENAMED) to the new flags; one message for each."""
+    messages = []
+    for old, new in RENAMED.get(args.command, {}).items():
+        value = getattr(args, f"renamed__{old}", None)
+        if value is None:
+            continue
+        flag = STAGE_FLAGS[args.command].get(new)
+        dest = "cfg__" + flag[0].replace(".", "__") if flag else new.lstrip("-").replace("-", "_")
+        if getattr(args, dest) is None:
+            setattr(args, dest, value)
+        messages.append(f"dmf {args.command}: {old} is now {new} (the old spelling goes in the next release)")
+    return messages
 
 
 def load_config(args) -> config_mod.Config:
@@ -155,6 +178,8 @@ def load_config(args) -> config_mod.Config:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    for message in renamed_flags(args):
+        print(message, file=sys.stderr)
     # --log-level applies to this package; other libraries log warnings only. py4j logs through the root
     # logger, at INFO with a traceback, each pooled connection that Horovod's driver has hung up on: harmless.
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")

@@ -68,3 +68,22 @@ def test_every_numeric_setting_has_its_range_checked_where_it_is_declared(overri
 def test_a_config_built_in_code_is_checked_too():
     with pytest.raises(ValueError, match="users"):
         config.SynthConfig(users=0)
+
+
+def test_a_flag_means_one_thing_and_old_spellings_still_work_for_a_release():
+    from pipeline import cli
+
+    p = cli.parser()
+    run = p.parse_args(["run", "--input", "ratings.dat", "--format", "ml-1m", "--output-format", "csv",
+                        "--model", "dmf"])
+    assert cli.load_config(run).prepare.format == "ml-1m" and cli.load_config(run).recommend.format == "csv"
+    assert cli.load_config(run).train.model == "dmf"
+    old = p.parse_args(["recommend", "--model", "/models/a", "--format", "csv", "--retrieval-model", "/models/b"])
+    messages = cli.renamed_flags(old)
+    assert (old.model_dir, old.retrieval_model_dir, cli.load_config(old).recommend.format) == (
+        "/models/a", "/models/b", "csv")
+    assert messages == [f"dmf recommend: {a} is now {b} (the old spelling goes in the next release)" for a, b in
+                        (("--model", "--model-dir"), ("--retrieval-model", "--retrieval-model-dir"),
+                         ("--format", "--output-format"))]
+    new = p.parse_args(["evaluate", "--model-dir", "/models/a"])
+    assert cli.renamed_flags(new) == [] and new.model_dir == "/models/a"
