@@ -79,12 +79,7 @@ def _write_json(path: str, obj: dict) -> None:
 
 
 def _read_json(path: str) -> dict | None:
-    fs, plain = storage.filesystem(path)
-    try:
-        with fs.open(plain) as f:
-            return json.load(f)
-    except (FileNotFoundError, ValueError):
-        return None
+    return storage.read_json(*storage.filesystem(path))
 
 
 def current(cfg: Config) -> str | None:
@@ -197,11 +192,11 @@ def lock(cfg: Config, rid: str):
     path = f"{root(cfg)}/{LOCK}"
     fs, plain = storage.filesystem(path)
     fs.makedirs(plain.rsplit("/", 1)[0], exist_ok=True)
-    # "stage" lets storage._gone, which tells a finished process of a stage on this host, judge the holder.
+    # "stage" lets storage.process_ended (a finished process of a stage on this host) judge the holder.
     me = {"stage": "run", "run_id": rid, "host": socket.gethostname(), "pid": os.getpid(), "started_at": _now()}
     if not _create(fs, plain, json.dumps(me)):
         holder = _read_json(path)
-        if not storage._gone(holder, "run"):
+        if not storage.process_ended(holder, "run"):
             who = (f"run {holder.get('run_id')} on host {holder.get('host')}, pid {holder.get('pid')}, "
                    f"started {holder.get('started_at')}") if holder else "an unreadable holder"
             raise StageError(f"another dmf run holds {path}: {who}. Wait for it to finish; if that process is "

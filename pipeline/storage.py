@@ -70,10 +70,16 @@ def check_output(final: str, stage: str, force: bool = False) -> None:
 
 
 def _stage_of(fs, plain: str) -> str | None:
+    manifest = read_json(fs, f"{plain}/{MANIFEST}")
+    return manifest.get("stage") if isinstance(manifest, dict) else None
+
+
+def read_json(fs, plain: str):
+    """The JSON in file `plain` of `fs`, or None when it is missing or not JSON."""
     try:
-        with fs.open(f"{plain}/{MANIFEST}") as f:
-            return json.load(f).get("stage")
-    except (FileNotFoundError, ValueError, AttributeError):
+        with fs.open(plain) as f:
+            return json.load(f)
+    except (FileNotFoundError, ValueError):
         return None
 
 
@@ -111,14 +117,10 @@ def publish(final: str, stage: str, force: bool = False):
 
 
 def _owner(fs, path: str) -> dict | None:
-    try:
-        with fs.open(f"{path}/{OWNER}") as f:
-            return json.load(f)
-    except (FileNotFoundError, ValueError):
-        return None
+    return read_json(fs, f"{path}/{OWNER}")
 
 
-def _gone(owner: dict | None, stage: str) -> bool:
+def process_ended(owner: dict | None, stage: str) -> bool:
     """Whether `owner` names a process of `stage` on this host that has ended: only then is it provably stale."""
     if not owner or owner.get("stage") != stage or owner.get("host") != socket.gethostname():
         return False
@@ -138,7 +140,7 @@ def clean_stale(fs, plain: str, stage: str) -> None:
     for path in sorted(fs.glob(f"{plain}.tmp-*") + fs.glob(f"{plain}.old-*")):
         tag = path.rsplit("-", 1)[-1]
         owner = _owner(fs, f"{plain}.tmp-{tag}") or _owner(fs, plain)
-        if not _gone(owner, stage):
+        if not process_ended(owner, stage):
             log.warning("%s is left from another run of %s output that may still be going: not removed", path, stage)
             continue
         if path.endswith(f".old-{tag}") and not fs.exists(plain):
@@ -147,7 +149,7 @@ def clean_stale(fs, plain: str, stage: str) -> None:
         elif fs.exists(path):
             fs.rm(path, recursive=True)
             log.info("removed %s, left by a killed run", path)
-    if _gone(_owner(fs, plain), stage):
+    if process_ended(_owner(fs, plain), stage):
         fs.rm(f"{plain}/{OWNER}")
 
 
