@@ -83,16 +83,21 @@ def _counts(written) -> dict:
     return {"rows": row.rows, "known": known, "malformed": malformed, "fallback": row.rows - known - malformed}
 
 
+def unit_item_vectors(model_dir: str) -> torch.Tensor:
+    """The model's item vectors scaled to length 1, in item_idx order: their dot products are cosines."""
+    model, _ = load_model(model_dir)
+    with torch.no_grad():
+        return torch.nn.functional.normalize(model.item_vectors().float(), dim=1)
+
+
 def similar(model_dir: str, item_id: int, n: int = 10, data_dir: str | None = None) -> pd.DataFrame:
     """The n items nearest to item_id by cosine similarity of the model's item vectors."""
     data_dir, data = model_and_data(model_dir, data_dir)
-    model, _ = load_model(model_dir)
     items = read_table(data_dir, data, "items").sort_values("item_idx").reset_index(drop=True)
     match = items.index[items.item_id == item_id]
     if len(match) == 0:
         raise StageError(f"item {item_id} was not in training, so it has no embedding")
-    with torch.no_grad():
-        vectors = torch.nn.functional.normalize(model.item_vectors().float(), dim=1)
+    vectors = unit_item_vectors(model_dir)
     cosine = (vectors @ vectors[match[0]]).numpy()
     best = [j for j in np.argsort(-cosine, kind="stable") if j != match[0]][:n]
     return pd.DataFrame({"item_id": items.item_id[best].to_numpy(), "title": items.title[best].to_numpy(),

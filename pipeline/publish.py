@@ -27,7 +27,6 @@ from urllib.parse import urlsplit
 import numpy as np
 import pandas as pd
 import psycopg
-import torch
 from psycopg import sql
 from psycopg.rows import dict_row
 from py4j.protocol import Py4JJavaError
@@ -37,7 +36,8 @@ from pyspark.sql import functions as F
 
 from pipeline import storage
 from pipeline.storage import StageError
-from pipeline.train import load_model, model_and_data, read_table
+from pipeline.predict import unit_item_vectors
+from pipeline.train import model_and_data, read_table
 
 log = logging.getLogger(__name__)
 DRIVER = "org.postgresql.Driver"
@@ -183,10 +183,8 @@ def similar_items(model_dir: str, k: int) -> pd.DataFrame:
     """(item_id, rank, similar_item_id, score): each item's k nearest items by the cosine of the model's item
     vectors, ranked as `dmf similar` (pipeline.predict.similar) ranks them, for the whole catalog in blocks."""
     data_dir, data = model_and_data(model_dir, None)
-    model, _ = load_model(model_dir)
     ids = read_table(data_dir, data, "items", columns=["item_idx", "item_id"]).sort_values("item_idx").item_id.to_numpy()
-    with torch.no_grad():
-        vectors = torch.nn.functional.normalize(model.item_vectors().float(), dim=1)
+    vectors = unit_item_vectors(model_dir)
     k = min(k, len(ids) - 1)
     frames = []
     for start in range(0, len(ids), SIMILAR_BLOCK):
