@@ -27,14 +27,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 from common import ROOT, WORK, machine, ml20m_sized
 from prepare_bench import PeakMemory
 from pyspark.ml.recommendation import ALS
 from recommend_bench import timed
 
-from pipeline import config, evaluate, metrics, prepare, recommend, storage, train
+from pipeline import config, evaluate, metrics, peers, prepare, recommend, storage, train
 from pipeline.config import TrainConfig
 from pipeline.spark import session
 
@@ -99,22 +98,16 @@ def _factors(frame, n: int) -> np.ndarray:
     return out
 
 
-def als_ranking(model, data_dir: str, data: dict, k: int, relevant_rating: float, block: int = 1024) -> dict:
+def als_ranking(model, data_dir: str, data: dict, k: int, relevant_rating: float) -> dict:
     """Ranking metrics as evaluate.evaluate defines them (candidates: every item the user has no training
     rating for; relevant: validation rating >= relevant_rating), from ALS's unclipped scores u.v."""
-    users = _factors(model.userFactors, data["counts"]["users"])
-    items = _factors(model.itemFactors, data["counts"]["items"])
+    users = torch.from_numpy(_factors(model.userFactors, data["counts"]["users"]))
+    items = torch.from_numpy(_factors(model.itemFactors, data["counts"]["items"]))
     seen = recommend.seen_items(data_dir, data, ("train",))
     valid = train.read_table(data_dir, data, "valid")
     truth = valid[valid.rating >= relevant_rating].groupby("user_idx").item_idx.apply(set)
-    tops = []
-    for start in range(0, len(truth), block):
-        u = truth.index.to_numpy()[start:start + block]
-        scores = recommend._mask_seen(torch.from_numpy(users[u] @ items.T), u, *seen)
-        tops.append(recommend._best(torch.as_tensor(u), *recommend._top_k(scores, k)))
-    lists = pd.concat(tops).sort_values(["user_idx", "rank"]).groupby("user_idx").item_idx.apply(list)
-    order = truth.index.intersection(lists.index)
-    return metrics.ranking_metrics([lists[u] for u in order], [truth[u] for u in order], k)
+    lists = peers.top_lists(lambda block: users[block] @ items.T, truth.index.to_numpy(), seen, k)
+    return metrics.ranking_metrics(lists, list(truth), k)
 
 
 def run_als(spark, cfg, data_dir: str, data: dict, grid: list, repeat: int, work: str) -> tuple[dict, list]:
