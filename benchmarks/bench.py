@@ -33,7 +33,7 @@ from prepare_bench import PeakMemory
 from pyspark.ml.recommendation import ALS
 from recommend_bench import timed
 
-from pipeline import config, evaluate, metrics, peers, prepare, recommend, storage, train
+from pipeline import config, evaluate, metrics, prepare, recommend, scoring, storage, train
 from pipeline.config import TrainConfig
 from pipeline.spark import session
 
@@ -106,7 +106,7 @@ def als_ranking(model, data_dir: str, data: dict, k: int, relevant_rating: float
     seen = recommend.seen_items(data_dir, data, ("train",))
     valid = train.read_table(data_dir, data, "valid")
     truth = valid[valid.rating >= relevant_rating].groupby("user_idx").item_idx.apply(set)
-    lists = peers.top_lists(lambda block: users[block] @ items.T, truth.index.to_numpy(), seen, k)
+    lists = scoring.top_lists(lambda block: users[block] @ items.T, truth.index.to_numpy(), seen, k)
     return metrics.ranking_metrics(lists, list(truth), k)
 
 

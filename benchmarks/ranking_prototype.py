@@ -20,8 +20,7 @@ import pandas as pd
 import torch
 from common import ROOT, machine
 
-from pipeline import peers
-from pipeline.recommend import by_user
+from pipeline import peers, scoring
 
 SETTINGS = [  # name -> keyword arguments of fit()
     ("rating loss only (today's objective)", dict(weight=0.0)),
@@ -66,7 +65,7 @@ def main() -> None:
     train, valid = (pd.read_parquet(Path(args.data) / split) for split in ("train", "valid"))
     n_users = int(max(train.user_idx.max(), valid.user_idx.max())) + 1
     n_items = int(max(train.item_idx.max(), valid.item_idx.max())) + 1
-    seen = by_user(train.user_idx.to_numpy(), train.item_idx.to_numpy(), n_users)
+    seen = scoring.by_user(train.user_idx.to_numpy(), train.item_idx.to_numpy(), n_users)
     truth = valid[valid.rating >= 4].groupby("user_idx").item_idx.apply(set)
     counts = np.bincount(train.item_idx.to_numpy(), minlength=n_items)
     vu, vi = (torch.as_tensor(valid[c].to_numpy()).long() for c in ("user_idx", "item_idx"))
@@ -77,7 +76,7 @@ def main() -> None:
         rating, a, b = fit(train, n_users, n_items, **settings)
         with torch.no_grad():
             err = rating(vu, vi).clamp(lo, hi) - torch.as_tensor(valid.rating.to_numpy()).float()
-        lists = peers.top_lists(lambda block: a[torch.as_tensor(block)] @ b.T, truth.index.to_numpy(), seen, 10)
+        lists = scoring.top_lists(lambda block: a[torch.as_tensor(block)] @ b.T, truth.index.to_numpy(), seen, 10)
         result = peers.judged(lists, list(truth), 10, counts)
         rows.append(f"| {name} | {float(err.pow(2).mean().sqrt()):.4f} | {result['ndcg@10']:.4f} | "
                     f"{result['recall@10']:.4f} | {result['catalog_coverage']:.3f} | {time.time() - started:.0f} |")

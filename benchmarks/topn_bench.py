@@ -23,7 +23,7 @@ from bench import ML100K, _factors, prepared
 from common import ROOT, WORK, machine
 from pyspark.ml.recommendation import ALS
 
-from pipeline import config, evaluate, peers, recommend, storage, train
+from pipeline import config, evaluate, peers, recommend, scoring, storage, train
 from pipeline.spark import session
 
 CONF = str(ROOT / "conf" / "ml-100k.yaml")
@@ -49,7 +49,7 @@ def als_implicit(spark, data_dir: str, data: dict, k: int, relevant_rating: floa
         seconds = time.time() - started
         u = torch.from_numpy(_factors(model.userFactors, data["counts"]["users"]))
         v = torch.from_numpy(_factors(model.itemFactors, data["counts"]["items"]))
-        result = peers.judged(peers.top_lists(lambda block: u[block] @ v.T, users, seen, k), relevant, k, counts)
+        result = peers.judged(scoring.top_lists(lambda block: u[block] @ v.T, users, seen, k), relevant, k, counts)
         row = {**result, "settings": f"rank {rank}, regParam {reg:g}, alpha {alpha:g}, maxIter {ALS_ITERS}",
                "seconds": seconds}
         tried.append(row)

@@ -16,22 +16,9 @@ import numpy as np
 import torch
 
 from pipeline import metrics
-from pipeline.recommend import _mask_seen
+from pipeline.scoring import USERS_PER_BLOCK, mask_seen, top_lists
 
 EASE_LAMBDAS = (30.0, 100.0, 300.0, 1000.0, 3000.0)
-USERS_PER_BLOCK = 1024
-
-
-def top_lists(score_rows: Callable[[np.ndarray], torch.Tensor], users: np.ndarray,
-              seen: tuple[np.ndarray, np.ndarray], k: int) -> list[list[int]]:
-    """Each user's k best unseen items, best first, from score_rows(block of users) -> [block, items]."""
-    lists = []
-    for start in range(0, len(users), USERS_PER_BLOCK):
-        block = users[start:start + USERS_PER_BLOCK]
-        scores = _mask_seen(score_rows(block), block, *seen)
-        values, items = torch.topk(scores, min(k, scores.shape[1]), dim=1)
-        lists += [row[np.isfinite(vals)].tolist() for row, vals in zip(items.numpy(), values.numpy())]
-    return lists
 
 
 def popularity_scores(item_counts: np.ndarray) -> Callable[[np.ndarray], torch.Tensor]:
@@ -67,7 +54,7 @@ def ease_scores(rated: tuple[np.ndarray, np.ndarray], b: torch.Tensor) -> Callab
 def dense_rows(rated: tuple[np.ndarray, np.ndarray], users: np.ndarray, n_items: int) -> torch.Tensor:
     """Rows `users` of the binary matrix X (float32): 1 where the user rated the item."""
     rows = torch.zeros(len(users), n_items)
-    return _mask_seen(rows, users, *rated).isinf().float()
+    return mask_seen(rows, users, *rated).isinf().float()
 
 
 def judged(lists: list[list[int]], relevant: list[set], k: int, item_counts: np.ndarray) -> dict:

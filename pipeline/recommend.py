@@ -26,6 +26,7 @@ from pyspark.sql.types import FloatType
 
 from pipeline import storage
 from pipeline.config import Config
+from pipeline.scoring import TOPK_CHUNK, best_rows, by_user, dot_scores, mask_seen, top_k
 from pipeline.storage import StageError
 from pipeline.train import load_model, model_and_data, read_table
 
@@ -48,14 +49,6 @@ def seen_items(data_dir: str, data: dict, splits: tuple[str, ...]) -> tuple[np.n
     frames = [read_table(data_dir, data, split, columns=["user_idx", "item_idx"]) for split in splits]
     return by_user(np.concatenate([f.user_idx.to_numpy() for f in frames]),
                    np.concatenate([f.item_idx.to_numpy() for f in frames]), data["counts"]["users"])
-
-
-def by_user(users: np.ndarray, items: np.ndarray, n_users: int) -> tuple[np.ndarray, np.ndarray]:
-    """(offsets [n_users + 1], items): user u's items are items[offsets[u]:offsets[u + 1]]."""
-    order = np.argsort(users, kind="stable")
-    offsets = np.zeros(n_users + 1, dtype=np.int64)
-    np.cumsum(np.bincount(users, minlength=n_users), out=offsets[1:])
-    return offsets, np.asarray(items)[order].astype(np.int32)
 
 
 def shipped_model(spark: SparkSession, model_dir: str):
@@ -96,7 +89,7 @@ def top_n(spark: SparkSession, model_dir: str, users: np.ndarray, seen: tuple[np
         dot = dot_factors(build_retrieval() if candidates else model) \
             if candidates or manifest["spec"]["model"] in RETRIEVAL_MODELS else None
         all_users, seen_offsets, seen_items = shipped.value
-        # One buffer per task, its width padded for _top_k; the padding stays -inf.
+        # One buffer per task, its width padded for top_k; the padding stays -inf.
         grid = torch.full((block, -(-n_items // TOPK_CHUNK) * TOPK_CHUNK), -torch.inf)
         for pdf in batches:
             for b in pdf.id:
@@ -106,10 +99,10 @@ def top_n(spark: SparkSession, model_dir: str, users: np.ndarray, seen: tuple[np
                     if dot is None:
                         scores[:, :n_items] = model.score_all(users, torch.arange(n_items), clip=False)
                     else:
-                        _dot_scores(dot, users, scores[:, :n_items])
-                    _mask_seen(scores, users.numpy(), seen_offsets, seen_items)
-                    yield (_best(users, *_top_k(scores, n)) if not candidates
-                           else _rerank(model, users, *_top_k(scores, candidates), n))
+                        dot_scores(dot, users, scores[:, :n_items])
+                    mask_seen(scores, users.numpy(), seen_offsets, seen_items)
+                    yield (best_rows(users, *top_k(scores, n)) if not candidates
+                           else _rerank(model, users, *top_k(scores, candidates), n))
 
     blocks = -(-len(users) // block)
     # spark.range hands each task a contiguous run of blocks: the output comes out in the order of `users`.
@@ -160,44 +153,6 @@ def dot_factors(model) -> tuple[torch.Tensor, torch.Tensor]:
         return users.detach().contiguous(), items.T.detach().contiguous()
 
 
-DOT_ITEM_CHUNK = 4096  # items per matrix product: a block's scores for them stay in cache for the write
-
-
-def _dot_scores(factors: tuple[torch.Tensor, torch.Tensor], users: torch.Tensor, out: torch.Tensor) -> None:
-    user_factors, item_factors = factors
-    u = user_factors[users]
-    for start in range(0, item_factors.shape[1], DOT_ITEM_CHUNK):
-        end = start + DOT_ITEM_CHUNK
-        torch.mm(u, item_factors[:, start:end], out=out[:, start:end])
-
-
-def _mask_seen(scores: torch.Tensor, users: np.ndarray, offsets: np.ndarray, items: np.ndarray) -> torch.Tensor:
-    """Set row r's items[offsets[users[r]]:offsets[users[r] + 1]] (what user users[r] rated) to -inf."""
-    starts = offsets[users]
-    lengths = offsets[users + 1] - starts
-    rows = np.repeat(np.arange(len(users)), lengths)
-    at = np.repeat(starts - (np.cumsum(lengths) - lengths), lengths) + np.arange(lengths.sum())
-    scores[torch.from_numpy(rows), torch.from_numpy(items[at].astype(np.int64))] = -torch.inf
-    return scores
-
-
-TOPK_CHUNK = 128  # columns per chunk in _top_k's first pass
-
-
-def _top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """torch.topk(scores, k, dim=1), about twice as fast on wide rows: a row's k best values lie in the k
-    chunks of TOPK_CHUNK columns with the best maxima, so only those chunks are searched."""
-    rows, width = scores.shape
-    k = min(k, width)
-    if width % TOPK_CHUNK or k * TOPK_CHUNK >= width:
-        return torch.topk(scores, k, dim=1)
-    chunks = scores.view(rows, -1, TOPK_CHUNK)
-    best_chunks = torch.topk(chunks.amax(dim=2), k, dim=1).indices
-    candidates = chunks.gather(1, best_chunks[:, :, None].expand(-1, -1, TOPK_CHUNK)).reshape(rows, -1)
-    values, at = torch.topk(candidates, k, dim=1)
-    return values, best_chunks.gather(1, at // TOPK_CHUNK) * TOPK_CHUNK + at % TOPK_CHUNK
-
-
 def _rerank(model, users: torch.Tensor, reach: torch.Tensor, cand: torch.Tensor, n: int) -> pd.DataFrame:
     """The model's n best of each user's retrieved candidates (reach: their retrieval scores)."""
     # Unreached candidates (seen items, or padding when candidates reach past the unseen items) may carry
@@ -209,16 +164,7 @@ def _rerank(model, users: torch.Tensor, reach: torch.Tensor, cand: torch.Tensor,
     fine = model.expected(model(users[:, None].expand_as(cand).reshape(-1), cand.reshape(-1))).reshape(cand.shape)
     fine[~torch.isfinite(reach)] = -torch.inf
     best, at = torch.topk(fine, min(n, fine.shape[1]), dim=1)
-    return _best(users, best, cand.gather(1, at))
-
-
-def _best(users: torch.Tensor, scores: torch.Tensor, items: torch.Tensor) -> pd.DataFrame:
-    """Rows of (user, rank, item, score) from each user's scores, best first, and the items they score:
-    the finite ones only (a user who has rated all but 3 items gets 3)."""
-    rows, cols = torch.isfinite(scores).nonzero(as_tuple=True)
-    return pd.DataFrame({"user_idx": users[rows].numpy().astype(np.int32), "rank": (cols + 1).numpy().astype(np.int32),
-                         "item_idx": items[rows, cols].numpy().astype(np.int32),
-                         "score": scores[rows, cols].numpy().astype(np.float32)})
+    return best_rows(users, best, cand.gather(1, at))
 
 
 def retrieval_model(cfg: Config, model_dir: str, data_dir: str, retrieval_model_dir: str | None) -> str | None:

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline import config, evaluate, peers, recommend, train
+from pipeline import config, evaluate, peers, recommend, scoring, train
 from pipeline.config import ConfigError
 from pipeline.storage import StageError
 
@@ -92,7 +92,7 @@ def test_a_user_who_rated_all_but_three_items_gets_those_three(spark, trained):
     n_items = manifest["spec"]["n_items"]
     left = [5, 17, 42]
     rated = [i for i in range(n_items) if i not in left]  # user 0 rated all but 3, user 1 nothing, user 2 all
-    seen = recommend.by_user(np.array([0] * len(rated) + [2] * n_items), np.array(rated + list(range(n_items))),
+    seen = scoring.by_user(np.array([0] * len(rated) + [2] * n_items), np.array(rated + list(range(n_items))),
                              manifest["spec"]["n_users"])
     with torch.no_grad():
         scores = model.score_all(torch.tensor([0]), torch.tensor(left), clip=False)[0].numpy()
@@ -187,11 +187,11 @@ def test_two_stage_needs_a_dot_product_retriever_trained_on_the_same_data(traine
 
 def test_top_k_in_two_passes_equals_torch_topk():
     g = torch.Generator().manual_seed(0)
-    scores = torch.randn(50, 40 * recommend.TOPK_CHUNK, generator=g).round(decimals=1)  # many ties
+    scores = torch.randn(50, 40 * scoring.TOPK_CHUNK, generator=g).round(decimals=1)  # many ties
     scores[3] = -torch.inf  # a user with nothing left
     scores[4, 5:] = -torch.inf  # and one with 5 items left
     for k in (1, 10, 39):
-        values, items = recommend._top_k(scores, k)
+        values, items = scoring.top_k(scores, k)
         assert torch.equal(values, torch.topk(scores, k, dim=1).values)
         assert torch.equal(scores.gather(1, items), values)
         finite = torch.isfinite(values)
@@ -199,7 +199,7 @@ def test_top_k_in_two_passes_equals_torch_topk():
 
 
 def test_mask_seen_masks_each_rows_user_from_the_by_user_lists():
-    seen = recommend.by_user(np.array([3, 0, 3, 2]), np.array([1, 4, 3, 0]), 5)  # user 1 and 4 rated nothing
+    seen = scoring.by_user(np.array([3, 0, 3, 2]), np.array([1, 4, 3, 0]), 5)  # user 1 and 4 rated nothing
     assert seen[0].tolist() == [0, 1, 1, 2, 4, 4] and seen[1].tolist() == [4, 0, 1, 3]
-    scores = recommend._mask_seen(torch.zeros(4, 5), np.array([3, 1, 0, 3]), *seen)
+    scores = scoring.mask_seen(torch.zeros(4, 5), np.array([3, 1, 0, 3]), *seen)
     assert torch.isinf(scores).nonzero().tolist() == [[0, 1], [0, 3], [2, 4], [3, 1], [3, 3]]
