@@ -50,6 +50,9 @@ class SynthConfig:
     rank: Positive = 8
     noise: float = Field(0.5, ge=0)
     half_stars: bool = False
+    # How strongly the planted factors decide which items a user rates (see pipeline.synth.pick); 0: popularity
+    # alone, so that no ranking model can beat most-popular.
+    choice: float = Field(1.5, ge=0)
     seed: Seed = 42
     partitions: NonNegative = 0  # 0: one per million ratings, at least Spark's default parallelism
 
@@ -104,6 +107,15 @@ class TrainConfig:
     fp16_allreduce: bool = False
     threads_per_rank: NonNegative = 0  # 0: the machine's cores divided by the ranks on it
     init_from: str | None = None  # a model trained on the same prepared data: parameters of the same name start from it
+    # The ranking score that orders the top-N (pipeline.ranking): its tables' dimension (0: none, and the lists
+    # are ordered by predicted rating), the weight of every pair the user did not pick, the L2 on its tables, and
+    # which training ratings count as picks (above the training mean, or all of them).
+    ranking_dim: NonNegative = 64
+    ranking_unobserved: float = Field(0.1, gt=0)
+    ranking_l2: float = Field(3.0, ge=0)
+    ranking_l2_exponent: float = Field(0.0, ge=0, le=1)  # 1: a row's L2 grows with its ratings (pipeline.ranking)
+    ranking_positives: Literal["above_mean", "all"] = "above_mean"
+    ranking_lr: float | None = Field(None, gt=0)  # the ranking tables' learning rate (None: train.lr), scaled alike
 
 
 @dataclass(config=SETTINGS)
@@ -112,6 +124,9 @@ class RecommendConfig:
     users_per_block: Positive = 512  # dmf/neumf grids are block x 2048 items x first hidden width floats
     format: Literal["parquet", "csv"] = "parquet"
     candidates: NonNegative = 0  # two-stage mode: retrieve this many by dot product, re-rank with the model
+    # What orders the lists: auto is the ranking score when the model has one (train.ranking_dim > 0), else the
+    # predicted rating; two-stage mode re-ranks by predicted rating.
+    order: Literal["auto", "ranking", "rating"] = "auto"
 
 
 @dataclass(config=SETTINGS)
@@ -191,6 +206,9 @@ class Config:
             (self.train.model != "two_tower" or self.train.hidden, "two_tower needs train.hidden"),
             (not self.publish.db_url or urllib.parse.urlsplit(self.publish.db_url).password is None,
              "publish.db_url carries a password: remove it and set PGPASSWORD or add a ~/.pgpass line instead"),
+            (self.recommend.candidates == 0 or self.recommend.order != "ranking",
+             "recommend.candidates re-ranks the retrieved items by predicted rating: set recommend.order to rating "
+             "or auto, or recommend.candidates to 0 to order every item by the ranking score"),
             (self.recommend.candidates == 0 or self.recommend.candidates >= self.recommend.top_n,
              "recommend.candidates must be 0 (score every item) or at least recommend.top_n"),
         ]
@@ -274,6 +292,3 @@ def _nest(key: str, value) -> dict:
         value = {part: value}
     return value
 
-
-def to_dict(cfg) -> dict:
-    return dataclasses.asdict(cfg)

@@ -14,7 +14,7 @@ from pyspark.sql import SparkSession
 
 from pipeline import metrics, peers, storage
 from pipeline.config import Config
-from pipeline.recommend import predict_pairs, seen_items, spark_table, top_n
+from pipeline.recommend import list_order, predict_pairs, seen_items, spark_table, top_n
 from pipeline.train import load_model, model_and_data, read_table
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,9 @@ def evaluate(spark: SparkSession, cfg: Config, model_dir: str, data_dir: str | N
     truth = (valid_rows[valid_rows.rating >= cfg.evaluate.relevant_rating]
              .groupby("user_idx").item_idx.apply(set))
     seen = seen_items(data_dir, data, ("train",))
-    ranked = top_n(spark, model_dir, truth.index.to_numpy(), seen, k, cfg.recommend.users_per_block).toPandas()
+    order = list_order(cfg, model_dir)
+    ranked = top_n(spark, model_dir, truth.index.to_numpy(), seen, k, cfg.recommend.users_per_block,
+                   order=order).toPandas()
     lists = ranked.groupby("user_idx", sort=False).item_idx.apply(list)  # in rank order already
     order = truth.index.intersection(lists.index)
     relevant = [truth[u] for u in order]
@@ -60,7 +62,7 @@ def evaluate(spark: SparkSession, cfg: Config, model_dir: str, data_dir: str | N
     peer_report, popular = peers.evaluate_peers(seen, counts, order.to_numpy(), relevant, k,
                                                 cfg.evaluate.ease_max_items)
     report = {
-        "model": model_dir, "data": data_dir, "k": k, "relevant_rating": cfg.evaluate.relevant_rating,
+        "model": model_dir, "data": data_dir, "k": k, "relevant_rating": cfg.evaluate.relevant_rating, "order": order,
         "rating": {"rmse": rating["rmse"], "mae": rating["mae"], "rmse_rounded": rounded["rmse"],
                    "mae_rounded": rounded["mae"], "accuracy_rounded": total["exact"] / max(total["n"], 1),
                    "n": int(total["n"])},
@@ -133,7 +135,8 @@ def table(manifest: dict) -> str:
     ease = manifest["peers"].get("ease", {})
     if "skipped" not in ease:
         columns[f"EASE ({ease['lambda']:g})"] = ease
-    lines.append(f"  {'':<20}" + "".join(f"{name:>16}" for name in columns))
+    lines.append(f"  ranked by {manifest['order']}" + " " * max(0, 10 - len(manifest['order']))
+                 + "".join(f"{name:>16}" for name in columns))
     for name, key in ((f"precision@{k}", f"precision@{k}"), (f"recall@{k}", f"recall@{k}"),
                       (f"NDCG@{k}", f"ndcg@{k}"), (f"MAP@{k}", f"map@{k}"), (f"hit rate@{k}", f"hit_rate@{k}"),
                       ("catalog coverage", "catalog_coverage"), ("mean popularity", "mean_popularity")):

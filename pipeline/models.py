@@ -6,10 +6,13 @@ state_dict.
 Item side features, for every model: genres (the mean of the item's genre embeddings) and the item's
 rating history (`spec["item_history"]`: the number of training ratings it holds, 0 for none). The history
 adds to item i's vector the sum over the users u who rated it (up to a seeded sample of train.history_size)
-of a learned vector for (u, the level u gave), divided by the square root of their number: GC-MC's per-rating-level encoder, the item side of an asymmetric factor model. So an
-item is also described by who rated it and how. Training leaves the rating being predicted out of its
-item's sum, so that the model learns what it will see at prediction time, when the rating to predict is not
-among the training ratings.
+of a learned vector for (u, the level u gave), divided by the square root of their number: GC-MC's
+per-rating-level encoder, the item side of an asymmetric factor model. So an item is also described by who
+rated it and how. Training leaves the rating being predicted out of its item's sum, so that the model learns
+what it will see at prediction time, when the rating to predict is not among the training ratings.
+
+A model built with spec["ranking_dim"] > 0 also carries a ranking score, x_u . y_i from tables of its own
+(pipeline.ranking trains them), that orders the top-N; the rating head above still predicts ratings.
 """
 from __future__ import annotations
 
@@ -45,6 +48,8 @@ def check_spec(spec: dict) -> None:
     levels = [float(x) for x in spec["rating_levels"]]
     if not levels or any(b <= a for a, b in zip(levels, levels[1:])):
         raise ValueError(f"rating_levels must be a non-empty increasing list, got {levels}")
+    if int(spec.get("ranking_dim", 0)) < 0:
+        raise ValueError(f"ranking_dim must be >= 0, got {spec['ranking_dim']}")
     if int(spec.get("item_history", 0)) < 0:
         raise ValueError(f"item_history must be >= 0, got {spec['item_history']}")
     if int(spec["n_genres"]) < 0 or (int(spec["n_genres"]) > 0 and int(spec["max_genres"]) <= 0):
@@ -68,7 +73,10 @@ def build(spec: dict, item_genres: torch.Tensor | None = None,
     `rating_history` returns for the training ratings; without it, load_state_dict fills it."""
     check_spec(spec)
     cls = {"mf": MF, "dmf": DMF, "neumf": NeuMF, "two_tower": TwoTower}[spec["model"]]
-    return cls(spec, item_genres, item_history)
+    model = cls(spec, item_genres, item_history)
+    # After the rating tables, so that those start as they would in a model without a ranking score.
+    model.add_ranking(int(spec.get("ranking_dim", 0)), int(spec["n_users"]), int(spec["n_items"]))
+    return model
 
 
 def level_index(ratings: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
@@ -86,7 +94,8 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
 
 
 def rating_history(users: torch.Tensor, items: torch.Tensor, ratings: torch.Tensor, n_items: int,
-                   levels: list[float], limit: int = 0, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   levels: list[float], limit: int = 0,
+                   seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(offsets [n_items + 1], raters, kept): item i's raters are raters[offsets[i]:offsets[i + 1]], each user
     u who gave level l written as u * len(levels) + l; kept[row] tells whether input row `row` is among them.
     With `limit` > 0 an item keeps at most that many raters, a sample drawn by a seeded hash of (user, item):
@@ -176,6 +185,19 @@ class RatingModel(nn.Module):
         elif item_history is not None:
             raise ValueError("item_history given, but the spec has item_history = 0")
         self.user_bias = self.item_bias = None
+        self.ranking_user = self.ranking_item = None
+
+    def add_ranking(self, dim: int, n_users: int, n_items: int) -> None:
+        """The ranking score's own tables (none for dim 0): pipeline.ranking trains x_u . y_i to say which unseen
+        items a user picks, apart from the rating head, which keeps predicting ratings."""
+        if dim:
+            self.ranking_user, self.ranking_item = embedding(n_users, dim), embedding(n_items, dim)
+
+    def ranking_factors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(user vectors, item vectors transposed) whose product is the ranking score; None without one."""
+        if self.ranking_user is None:
+            return None
+        return self.ranking_user.weight.detach().contiguous(), self.ranking_item.weight.detach().T.contiguous()
 
     def item_embedding_of(self, table: nn.Embedding, items: torch.Tensor, leave_out=None) -> torch.Tensor:
         """Rows of an item table, plus the mean of the items' genre embeddings and their rating history when

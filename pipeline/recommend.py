@@ -33,6 +33,7 @@ from pipeline.train import load_model, model_and_data, read_table
 log = logging.getLogger(__name__)
 TOP_SCHEMA = "user_idx int, rank int, item_idx int, score float"
 RETRIEVAL_MODELS = ("mf", "two_tower")
+ORDERS = {"ranking": "the model's ranking score", "rating": "predicted rating"}
 RECALL_USERS = 1000  # users whose two-stage top-N is compared with exact scoring
 
 
@@ -71,14 +72,15 @@ def shipped_model(spark: SparkSession, model_dir: str):
 
 
 def top_n(spark: SparkSession, model_dir: str, users: np.ndarray, seen: tuple[np.ndarray, np.ndarray], n: int,
-          block: int, retrieval_dir: str | None = None, candidates: int = 0) -> DataFrame:
+          block: int, retrieval_dir: str | None = None, candidates: int = 0, order: str = "rating") -> DataFrame:
     """(user_idx, rank, item_idx, score) for the given users, best first, in the order of `users`; the items
     of `seen` (from `seen_items`) are left out.
 
     Spark runs one task per range of blocks of `block` users; the users and the seen items are broadcast
     with the model, so nothing is shuffled. With `candidates` > 0 the model scores only each user's best
     `candidates` unseen items by the retrieval model (`retrieval_dir`, an mf or two_tower model trained on
-    the same data)."""
+    the same data). `order` is what ranks the items (see `list_order`): the model's ranking score, or its
+    unclipped predicted rating."""
     build, manifest = shipped_model(spark, model_dir)
     build_retrieval = shipped_model(spark, retrieval_dir)[0] if candidates else None
     n_items = manifest["spec"]["n_items"]
@@ -86,8 +88,12 @@ def top_n(spark: SparkSession, model_dir: str, users: np.ndarray, seen: tuple[np
 
     def score(batches):
         model = build()
-        dot = dot_factors(build_retrieval() if candidates else model) \
-            if candidates or manifest["spec"]["model"] in RETRIEVAL_MODELS else None
+        if order == "ranking":
+            dot = model.ranking_factors()
+        elif candidates or manifest["spec"]["model"] in RETRIEVAL_MODELS:
+            dot = dot_factors(build_retrieval() if candidates else model)
+        else:
+            dot = None
         all_users, seen_offsets, seen_items = shipped.value
         # One buffer per task, its width padded for top_k; the padding stays -inf.
         grid = torch.full((block, -(-n_items // TOPK_CHUNK) * TOPK_CHUNK), -torch.inf)
@@ -167,6 +173,19 @@ def _rerank(model, users: torch.Tensor, reach: torch.Tensor, cand: torch.Tensor,
     return best_rows(users, best, cand.gather(1, at))
 
 
+def list_order(cfg: Config, model_dir: str) -> str:
+    """What orders a model's lists: "ranking" (its ranking score) or "rating" (its predicted rating), from
+    recommend.order, whose auto is the ranking score when the model has one and two-stage mode is off."""
+    has_ranking = int(storage.read_manifest(model_dir, "train")["spec"].get("ranking_dim", 0)) > 0
+    wanted = cfg.recommend.order
+    if wanted == "ranking" and not has_ranking:
+        raise StageError(f"recommend.order is ranking, and {model_dir} has no ranking score (it was trained with "
+                         f"train.ranking_dim=0): train it with a ranking_dim, or set recommend.order to rating")
+    if wanted == "auto":
+        return "ranking" if has_ranking and not cfg.recommend.candidates else "rating"
+    return wanted
+
+
 def retrieval_model(cfg: Config, model_dir: str, data_dir: str, retrieval_model_dir: str | None) -> str | None:
     """The model that retrieves two-stage candidates (None when recommend.candidates is 0), checked before any
     Spark work: an mf or two_tower model trained on the same prepared data as the model."""
@@ -192,6 +211,7 @@ def recommend(spark: SparkSession, cfg: Config, model_dir: str, data_dir: str | 
     storage.check_output(out, "recommend", force)
     data_dir, data = model_and_data(model_dir, data_dir)
     retrieval = retrieval_model(cfg, model_dir, data_dir, retrieval_model_dir)
+    order = list_order(cfg, model_dir)
     n, block, candidates = cfg.recommend.top_n, cfg.recommend.users_per_block, cfg.recommend.candidates
     users = spark_table(spark, data_dir, data, "users").select("user_idx", "user_id")
     items = spark_table(spark, data_dir, data, "items").select("item_idx", "item_id", "title")
@@ -203,7 +223,7 @@ def recommend(spark: SparkSession, cfg: Config, model_dir: str, data_dir: str | 
         # (user_idx numbers the user ids in ascending order).
         return top.join(F.broadcast(items), "item_idx").join(F.broadcast(users), "user_idx")
 
-    top = top_n(spark, model_dir, every_user, seen, n, block, retrieval, candidates)
+    top = top_n(spark, model_dir, every_user, seen, n, block, retrieval, candidates, order)
     with storage.publish(out, "recommend", force) as tmp:
         writer = with_ids(top).select("user_id", "rank", "item_id", "score", "title").write
         if cfg.recommend.format == "csv":
@@ -224,7 +244,7 @@ def recommend(spark: SparkSession, cfg: Config, model_dir: str, data_dir: str | 
                          "recall_vs_exact": hits / len(exact) if len(exact) else None,
                          "users_checked": int(exact.user_id.nunique())}
         storage.write_manifest(tmp, {
-            "stage": "recommend", "model": model_dir, "data": data_dir, "top_n": n,
+            "stage": "recommend", "model": model_dir, "data": data_dir, "top_n": n, "order": order,
             "format": cfg.recommend.format, "path": "recommendations",
             "counts": {"users": int(written.user_id.nunique()), "rows": len(written),
                        "items_covered": int(written.item_id.nunique()), "catalog": data["counts"]["items"]},
@@ -248,7 +268,7 @@ def summary(manifest: dict, out: str) -> str:
     c, two = manifest["counts"], manifest.get("two_stage")
     text = (f"recommendations -> {out}/recommendations\n  top {manifest['top_n']} for {c['users']:,} users, "
             f"{c['rows']:,} rows, {c['items_covered']:,} of {c['catalog']:,} items recommended, "
-            f"{manifest['seconds']:.0f} s")
+            f"{manifest['seconds']:.0f} s\n  ordered by {ORDERS[manifest['order']]}")
     if two:
         recall = "n/a" if two["recall_vs_exact"] is None else f"{two['recall_vs_exact']:.3f}"
         text += (f"\n  two-stage: {two['candidates']:,} candidates per user from {two['retrieval_model']}, "

@@ -26,7 +26,7 @@ def model_spec(t: TrainConfig, data: dict, data_dir: str) -> dict:
             "batch_norm": t.batch_norm, "head": t.head, "rating_levels": data["rating_levels"],
             "global_mean": data["global_mean"], "n_genres": len(data["genres"]) if t.genres else 0,
             "max_genres": max(1, data["max_genres"]) if t.genres else 0,
-            "item_history": history_length(t, data, data_dir)}
+            "item_history": history_length(t, data, data_dir), "ranking_dim": t.ranking_dim}
 
 
 def history_length(t: TrainConfig, data: dict, data_dir: str) -> int:
@@ -118,7 +118,8 @@ def initial_parameters(cfg: Config, spec: dict, data_dir: str, out: str) -> dict
 def make_job(cfg: Config, data_dir: str, data: dict, spec: dict, work: str, resume: bool,
              init: dict | None = None) -> dict:
     """Everything a rank needs, as plain picklable values."""
-    return {"train": vars(cfg.train).copy(), "spec": spec, "resume": resume, "init": init,
+    return {"train": cfg.train, "spec": spec, "resume": resume, "init": init,
+            "relevant_rating": cfg.evaluate.relevant_rating, "k": cfg.evaluate.k,
             "item_genres": item_genres(read_table(data_dir, data, "items"), spec),
             "train_url": storage.url(f"{data_dir.rstrip('/')}/{data['paths']['train']}"),
             "valid_url": storage.url(f"{data_dir.rstrip('/')}/{data['paths']['valid']}"),
@@ -158,7 +159,9 @@ def train(spark: SparkSession, cfg: Config, data_dir: str, out: str, resume: boo
             "ranks": [{"rank": r["rank"], "rows": r["rows"], "local_rows": r["local_rows"]} for r in results],
             "history": chief["history"], "seconds": seconds,
             "metrics": {"valid_rmse": best["valid_rmse"], "valid_mae": best["valid_mae"],
-                        "best_epoch": chief["best_epoch"], "epochs_run": len(chief["history"])}})
+                        "best_epoch": chief["best_epoch"], "epochs_run": len(chief["history"]),
+                        "valid_ndcg": chief["best_ndcg"], "k": cfg.evaluate.k,
+                        "best_ranking_epoch": chief["best_ranking_epoch"] if chief["best_ndcg"] is not None else None}})
     fs, plain_work = storage.filesystem(work)
     fs.rm(plain_work, recursive=True)
     return storage.read_manifest(out, "train")
@@ -219,6 +222,8 @@ def plot_history(history: list[dict], path: str, title: str) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(epochs, [h["train_loss"] for h in history], label="train loss")
     ax.plot(epochs, [h["valid_rmse"] for h in history], label="validation RMSE")
+    if "valid_ndcg" in history[0]:
+        ax.plot(epochs, [h["valid_ndcg"] for h in history], label="validation NDCG (ranking score)")
     ax.set_xlabel("epoch")
     ax.set_title(f"{title}: learning curves")
     ax.legend()
@@ -231,6 +236,8 @@ def plot_history(history: list[dict], path: str, title: str) -> None:
 def summary(manifest: dict, out: str) -> str:
     m = manifest["metrics"]
     start = f" (started from {manifest['train']['init_from']})" if manifest["train"].get("init_from") else ""
+    ranked = (f"\n  ranking score: validation NDCG@{m['k']} {m['valid_ndcg']:.4f} (best epoch "
+              f"{m['best_ranking_epoch']})" if m.get("valid_ndcg") is not None else "")
     return (f"trained {manifest['spec']['model']}{start} -> {out}\n  validation RMSE {m['valid_rmse']:.4f}, "
             f"MAE {m['valid_mae']:.4f} (best epoch {m['best_epoch']} of {m['epochs_run']}), "
-            f"{manifest['seconds']:.0f} s on {len(manifest['ranks'])} ranks")
+            f"{manifest['seconds']:.0f} s on {len(manifest['ranks'])} ranks{ranked}")

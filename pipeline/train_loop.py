@@ -17,7 +17,7 @@ import warnings
 import numpy as np
 import torch
 
-from pipeline import metrics, models, optim
+from pipeline import metrics, models, optim, ranking
 from pipeline.storage import filesystem
 
 COLUMNS = ("user_idx", "item_idx", "rating")
@@ -61,11 +61,19 @@ def embedding_tables(model) -> list[torch.nn.Module]:
     return [m for m in model.modules() if isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag))]
 
 
-def make_optimizer(name: str, model, lr: float, weight_decay: float):
-    # Weight decay on the dense layers only; embedding rows get the batch-wise L2 of the loss instead.
-    tables = {id(p) for m in embedding_tables(model) for p in m.parameters()}
-    groups = [{"params": [p for p in model.parameters() if id(p) in tables], "weight_decay": 0.0},
-              {"params": [p for p in model.parameters() if id(p) not in tables], "weight_decay": weight_decay}]
+def make_optimizer(name: str, model, lr: float, weight_decay: float, ranking_lr: float | None = None):
+    # Weight decay on the dense layers only; embedding rows get the batch-wise L2 of the loss instead. Each group
+    # keeps its base_lr, which train.lr_decay decays from.
+    ranking = {id(m.weight) for m in (model.ranking_user, model.ranking_item) if m is not None}
+    tables = {id(p) for m in embedding_tables(model) for p in m.parameters()} - ranking
+    groups = [{"params": [p for p in model.parameters() if id(p) in tables], "weight_decay": 0.0, "base_lr": lr},
+              {"params": [p for p in model.parameters() if id(p) not in tables | ranking],
+               "weight_decay": weight_decay, "base_lr": lr}]
+    if ranking:
+        groups.append({"params": [p for p in model.parameters() if id(p) in ranking], "weight_decay": 0.0,
+                       "base_lr": lr if ranking_lr is None else ranking_lr})
+    for group in groups:
+        group["lr"] = group["base_lr"]
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=0.9)
     if name == "adagrad":
@@ -165,158 +173,245 @@ def share_local_rows(local_rows: list, optimizer, hvd) -> None:
 
 
 def rank_main(job: dict) -> dict:
+    """Train one rank in lockstep with the others; rank 0 writes the checkpoints and the best weights."""
     import horovod.torch as hvd
 
     hvd.init()
-    rank, size = hvd.rank(), hvd.size()
-    t = job["train"]
-    torch.set_num_threads(t["threads_per_rank"] or max(1, (os.cpu_count() or 1) // size))
-    device = torch.device("cuda", hvd.local_rank()) if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    torch.manual_seed(t["seed"])
-
-    train = to_tensors(read_shard(job["train_url"], rank, size), device)
-    valid = to_tensors(read_shard(job["valid_url"], rank, size), device)
-    genres = torch.as_tensor(job["item_genres"], dtype=torch.long) if job["item_genres"] is not None else None
-    history, in_history = None, None  # without an item history no rating is left out of one
-    if job["spec"].get("item_history"):  # every rank needs every item's ratings, not only its shard's
-        gathered = [hvd.allgather(column, name=f"history.{n}") for n, column in enumerate(train)]
-        *history, kept = models.rating_history(*gathered, job["spec"]["n_items"], job["spec"]["rating_levels"],
-                                               t["history_size"], t["seed"])
-        sizes = hvd.allgather(torch.tensor([len(train[0])]), name="history.sizes")
-        mine = int(sizes[:rank].sum())  # allgather concatenates in rank order
-        in_history = kept[mine:mine + len(train[0])].to(device)
-    model = models.build(job["spec"], genres, history).to(device)
-    user_tables, item_tables = model.tables()
-    read_by_shard = {id(table): column for tables, column in ((user_tables, train[0]), (item_tables, train[1]))
-                     for table in tables}
-    local_rows = []  # (table weight, its optim.Rows, every rank's local rows)
-    local_counts = {}  # table name: how many of its rows this rank keeps out of the exchange
-    names = {id(module): name for name, module in model.named_modules()}
-    for table in embedding_tables(model):
-        # Sparse gradients hold only the rows a batch touched, each once (on the CPU a hook sums a row's
-        # duplicates); Horovod allgathers them instead of allreducing whole tables, and the optimizer updates
-        # only those rows. Bias tables (one column) stay dense: as sparse they were no faster (mf at 138K x
-        # 27K, 2 CPU ranks, alternated: 793-897K samples/s against 831-1,044K dense).
-        table.sparse = t["sparse_gradients"] and table.embedding_dim > 1
-        if table.sparse and device.type == "cpu":
-            if id(table) in read_by_shard:
-                # prepare splits the shards by user, so no rank exchanges its users' rows
-                name = names[id(table)]
-                local, everyones = local_rows_of(hvd, table.num_embeddings, read_by_shard[id(table)], f"{name}.readers")
-                rows = optim.Rows(table.weight, local, size)
-                local_rows.append((table.weight, rows, everyones))
-                local_counts[name] = int(local.sum())
-            else:
-                rows = optim.Rows(table.weight)
-            table.weight.register_hook(rows.distinct)
-    lr = t["lr"] * (size if t["scale_lr"] else 1)
-    optimizer = make_optimizer(t["optimizer"], model, lr, t["weight_decay"])
-    optimizer = hvd.DistributedOptimizer(
-        optimizer, named_parameters=model.named_parameters(),
-        compression=hvd.Compression.fp16 if t["fp16_allreduce"] else hvd.Compression.none)
-
-    state = {"epoch": 0, "history": [], "best_rmse": math.inf, "best_epoch": -1, "best_model": None}
-    checkpoint = load(job["checkpoint"]) if job["resume"] and rank == 0 else None
-    if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        state = checkpoint["state"]
-    elif rank == 0 and job["init"]:  # train.init_from: the other ranks get these values by the broadcast below
-        start, params = load(job["init"]["weights"]), dict(model.named_parameters())
-        with torch.no_grad():
-            for name in job["init"]["names"]:
-                params[name].copy_(start[name])
-    hvd.broadcast_parameters(model.state_dict(), root_rank=0)
-    hvd.broadcast_optimizer_state(optimizer, root_rank=0)
-    best_model = state.pop("best_model")  # only rank 0 keeps the best weights
-    state = hvd.broadcast_object(state, root_rank=0)
-    state["best_model"] = best_model
-
-    bias_l2 = t["l2"] if t["bias_l2"] is None else t["bias_l2"]
-    n_local = len(train[0])
-    if n_local == 0:
-        raise RuntimeError(f"rank {rank} of {size} got no training rows from {job['train_url']}")
-    n_total = int(hvd.allreduce(torch.tensor(float(n_local)), op=hvd.Sum).item())
-    batch = t["batch_size"]
-    # Every rank takes the same number of steps so that the allreduces pair up, even when shards differ.
-    steps = max(1, math.ceil(n_total / (batch * size)))
-    started = time.time() - sum(h["seconds"] for h in state["history"])
-    bad_epochs = state.get("bad_epochs", 0)
-
-    drawing = concurrent.futures.ThreadPoolExecutor(1)  # the next epoch's batches are drawn while this one trains
-
-    def draw(epoch: int) -> concurrent.futures.Future:
-        # Seeded by (seed, epoch, rank), so a resumed run draws exactly what an uninterrupted one would.
-        return drawing.submit(draw_batches, t["seed"] * 1_000_003 + epoch * 1009 + rank, n_local, steps, batch,
-                              t["sparse_gradients"])
-
-    upcoming = draw(state["epoch"])
-    for epoch in range(state["epoch"], t["epochs"]):
-        if bad_epochs >= t["patience"]:  # a resumed run that had already stopped early
+    run = RankRun(job, hvd)
+    run.restore()
+    for epoch in range(run.state["epoch"], run.t.epochs):
+        if run.stopped():  # a resumed run that had already stopped early
             break
-        epoch_start = time.time()
+        started = time.time()
+        loss = run.train_epoch(epoch)
+        train_seconds = time.time() - started
+        record = {"epoch": epoch + 1, "train_loss": loss, **run.validate(),
+                  "samples_per_s": run.steps * run.t.batch_size * run.size / train_seconds}
+        record["seconds"] = time.time() - started
+        run.keep_best(record)
+        run.report(record)
+        if run.stopped():
+            if run.rank == 0:
+                print(f"early stop: no better validation {run.watched()} for {run.state['bad_epochs']} epochs",
+                      flush=True)
+            break
+    return run.finish()
+
+
+class RankRun:
+    """What one rank holds through training, set up in the constructor and used by the phases rank_main calls:
+    restore, train_epoch, validate, keep_best, report, finish."""
+
+    def __init__(self, job: dict, hvd):
+        self.job, self.hvd, self.t = job, hvd, job["train"]
+        self.rank, self.size = hvd.rank(), hvd.size()
+        t = self.t
+        torch.set_num_threads(t.threads_per_rank or max(1, (os.cpu_count() or 1) // self.size))
+        self.device = torch.device("cuda", hvd.local_rank()) if torch.cuda.is_available() else torch.device("cpu")
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        torch.manual_seed(t.seed)
+        self.train = to_tensors(read_shard(job["train_url"], self.rank, self.size), self.device)
+        self.valid = to_tensors(read_shard(job["valid_url"], self.rank, self.size), self.device)
+        self.n_local = len(self.train[0])
+        if self.n_local == 0:
+            raise RuntimeError(f"rank {self.rank} of {self.size} got no training rows from {job['train_url']}")
+        self.model, self.in_history = self.build_model()
+        self.local_rows, self.local_counts, owned = self.wire_sparse_gradients()
+        self.lr = t.lr * (self.size if t.scale_lr else 1)
+        scale = self.size if t.scale_lr else 1
+        optimizer = make_optimizer(t.optimizer, self.model, self.lr, t.weight_decay,
+                                   None if t.ranking_lr is None else t.ranking_lr * scale)
+        self.optimizer = hvd.DistributedOptimizer(
+            optimizer, named_parameters=self.model.named_parameters(),
+            compression=hvd.Compression.fp16 if t.fp16_allreduce else hvd.Compression.none)
+        self.ranking = self.ranking_validation = None
+        if self.model.ranking_user is not None:
+            spec = job["spec"]
+            self.ranking = ranking.Objective(
+                self.model, self.train, hvd, unobserved=t.ranking_unobserved, l2=t.ranking_l2,
+                l2_exponent=t.ranking_l2_exponent,
+                positive_above=spec["global_mean"] if t.ranking_positives == "above_mean" else None,
+                batch=t.batch_size, owned=owned)
+            self.ranking_validation = ranking.Validation(hvd, self.train, self.valid, spec["n_users"],
+                                                         job["relevant_rating"], job["k"], t.seed)
+        n_total = int(hvd.allreduce(torch.tensor(float(self.n_local)), op=hvd.Sum).item())
+        # Every rank takes the same number of steps so that the allreduces pair up, even when shards differ.
+        self.steps = max(1, math.ceil(n_total / (t.batch_size * self.size)))
+        self.drawing = concurrent.futures.ThreadPoolExecutor(1)  # the next epoch's batches, drawn during this one
+
+    def build_model(self):
+        """The model on this rank's device, and which of this rank's training rows its item history holds."""
+        job, t = self.job, self.t
+        genres = torch.as_tensor(job["item_genres"], dtype=torch.long) if job["item_genres"] is not None else None
+        history, in_history = None, None  # without an item history no rating is left out of one
+        if job["spec"].get("item_history"):  # every rank needs every item's ratings, not only its shard's
+            gathered = [self.hvd.allgather(column, name=f"history.{n}") for n, column in enumerate(self.train)]
+            *history, kept = models.rating_history(*gathered, job["spec"]["n_items"], job["spec"]["rating_levels"],
+                                                   t.history_size, t.seed)
+            sizes = self.hvd.allgather(torch.tensor([self.n_local]), name="history.sizes")
+            mine = int(sizes[:self.rank].sum())  # allgather concatenates in rank order
+            in_history = kept[mine:mine + self.n_local].to(self.device)
+        return models.build(job["spec"], genres, history).to(self.device), in_history
+
+    def wire_sparse_gradients(self):
+        """(local rows, their count per table, the rows whose ranking Gram share this rank computes)."""
+        model, train, hvd = self.model, self.train, self.hvd
+        user_tables, item_tables = model.tables()
+        if model.ranking_user is not None:
+            user_tables, item_tables = [*user_tables, model.ranking_user], [*item_tables, model.ranking_item]
+        read_by_shard = {id(table): column for tables, column in ((user_tables, train[0]), (item_tables, train[1]))
+                         for table in tables}
+        local_rows = []  # (table weight, its optim.Rows, every rank's local rows)
+        local_counts = {}  # table name: how many of its rows this rank keeps out of the exchange
+        local_of = {}  # id(table): (this rank's local rows, every rank's)
+        names = {id(module): name for name, module in model.named_modules()}
+        for table in embedding_tables(model):
+            # Sparse gradients hold only the rows a batch touched, each once (on the CPU a hook sums a row's
+            # duplicates); Horovod allgathers them instead of allreducing whole tables, and the optimizer updates
+            # only those rows. Bias tables (one column) stay dense: as sparse they were no faster.
+            table.sparse = self.t.sparse_gradients and table.embedding_dim > 1
+            if table.sparse and self.device.type == "cpu":
+                if id(table) in read_by_shard:
+                    # prepare splits the shards by user, so no rank exchanges its users' rows
+                    name = names[id(table)]
+                    local, everyones = local_rows_of(hvd, table.num_embeddings, read_by_shard[id(table)],
+                                                     f"{name}.readers")
+                    rows = optim.Rows(table.weight, local, self.size)
+                    local_rows.append((table.weight, rows, everyones))
+                    local_counts[name] = int(local.sum())
+                    local_of[id(table)] = (local, everyones)
+                else:
+                    rows = optim.Rows(table.weight)
+                table.weight.register_hook(rows.distinct)
+        owned = None
+        if model.ranking_user is not None:
+            owned = tuple(ranking.owned_rows(table.num_embeddings, self.rank, self.size,
+                                             *local_of.get(id(table), (None, None)))
+                          for table in (model.ranking_user, model.ranking_item))
+        return local_rows, local_counts, owned
+
+    def restore(self) -> None:
+        """From the checkpoint with --resume, else from train.init_from or the seeded initialisation; then every
+        rank takes rank 0's parameters, optimizer state and progress. Only rank 0 keeps the best weights."""
+        job, hvd = self.job, self.hvd
+        self.state = {"epoch": 0, "history": [], "best_rmse": math.inf, "best_epoch": -1, "best_ndcg": -math.inf,
+                      "best_ranking_epoch": -1, "bad_epochs": 0}
+        self.best = {"model": None, "ranking": None}
+        checkpoint = load(job["checkpoint"]) if job["resume"] and self.rank == 0 else None
+        if checkpoint is not None:
+            self.model.load_state_dict(checkpoint["model"])
+            self.optimizer.load_state_dict(checkpoint["optimizer"])
+            self.state, self.best = checkpoint["state"], checkpoint["best"]
+        elif self.rank == 0 and job["init"]:  # the other ranks get these values by the broadcast below
+            start, params = load(job["init"]["weights"]), dict(self.model.named_parameters())
+            with torch.no_grad():
+                for name in job["init"]["names"]:
+                    params[name].copy_(start[name])
+        hvd.broadcast_parameters(self.model.state_dict(), root_rank=0)
+        hvd.broadcast_optimizer_state(self.optimizer, root_rank=0)
+        self.state = hvd.broadcast_object(self.state, root_rank=0)
+        self.started = time.time() - sum(h["seconds"] for h in self.state["history"])
+        self.upcoming = self.draw(self.state["epoch"])
+
+    def draw(self, epoch: int) -> concurrent.futures.Future:
+        # Seeded by (seed, epoch, rank), so a resumed run draws exactly what an uninterrupted one would.
+        return self.drawing.submit(draw_batches, self.t.seed * 1_000_003 + epoch * 1009 + self.rank, self.n_local,
+                                   self.steps, self.t.batch_size, self.t.sparse_gradients)
+
+    def train_epoch(self, epoch: int) -> float:
+        """One epoch of steps; the mean training loss over every rank."""
+        t, model, optimizer = self.t, self.model, self.optimizer
         model.train()
         for group in optimizer.param_groups:  # from the epoch alone, so that a resumed run decays the same
-            group["lr"] = lr * t["lr_decay"] ** epoch
-        torch.manual_seed(t["seed"] * 7919 + epoch * 31 + rank)  # dropout: seeded like the batches
-        order = upcoming.result().to(device)
-        upcoming = draw(epoch + 1)
-        loss_sum = torch.zeros((), device=device)
-        progress = Progress(steps, f"epoch {epoch + 1}/{t['epochs']}") if job.get("progress") and rank == 0 else None
-        for step in range(steps):
+            group["lr"] = group["base_lr"] * t.lr_decay ** epoch
+        torch.manual_seed(t.seed * 7919 + epoch * 31 + self.rank)  # dropout: seeded like the batches
+        order = self.upcoming.result().to(self.device)
+        self.upcoming = self.draw(epoch + 1)
+        bias_l2 = t.l2 if t.bias_l2 is None else t.bias_l2
+        loss_sum = torch.zeros((), device=self.device)
+        show = self.job.get("progress") and self.rank == 0
+        progress = Progress(self.steps, f"epoch {epoch + 1}/{t.epochs}") if show else None
+        for step in range(self.steps):
             idx = order[step]
-            u, i, r = (column.index_select(0, idx) for column in train)  # on the CPU twice as fast as train[0][idx]
+            u, i, r = (column.index_select(0, idx) for column in self.train)  # on the CPU 2x as fast as train[0][idx]
             optimizer.zero_grad()
-            loss = model.loss(u, i, r, None if in_history is None else in_history[idx], t["l2"], bias_l2)
-            if model.rater_bag is not None and t["history_l2"] > 0:
-                loss = loss + t["history_l2"] / steps * model.rater_bag.weight.pow(2).sum()
+            loss = model.loss(u, i, r, None if self.in_history is None else self.in_history[idx], t.l2, bias_l2)
+            if model.rater_bag is not None and t.history_l2 > 0:
+                loss = loss + t.history_l2 / self.steps * model.rater_bag.weight.pow(2).sum()
+            if self.ranking is not None:
+                loss = loss + self.ranking.loss(u, i, r, step)
             loss.backward()
             optimizer.synchronize()
-            for weight, rows, _ in local_rows:
+            for weight, rows, _ in self.local_rows:
                 weight.grad = rows.with_local(weight.grad)
             with optimizer.skip_synchronize():
                 optimizer.step()
             loss_sum += loss.detach()
             if progress:
                 progress.update(step + 1)
-        share_local_rows(local_rows, optimizer, hvd)
-        train_seconds = time.time() - epoch_start
+        share_local_rows(self.local_rows, optimizer, self.hvd)
         if progress:
             progress.close()
-        train_loss = hvd.allreduce(loss_sum / steps, op=hvd.Average).item()
-        average_batch_norm_statistics(model, hvd)
-        sums = evaluate(model, *valid)
+        return self.hvd.allreduce(loss_sum / self.steps, op=self.hvd.Average).item()
+
+    def validate(self) -> dict:
+        """Validation RMSE and MAE over every rank's shard, and the ranking score's NDCG@k when there is one."""
+        hvd = self.hvd
+        average_batch_norm_statistics(self.model, hvd)
+        sums = evaluate(self.model, *self.valid)
         reduced = hvd.allreduce(torch.tensor([sums["sse"], sums["sae"], sums["n"]], dtype=torch.float64), op=hvd.Sum)
         errors = metrics.rating_errors(dict(zip(("sse", "sae", "n"), reduced.tolist())))
-        seconds = time.time() - epoch_start
-        record = {"epoch": epoch + 1, "train_loss": train_loss, "valid_rmse": errors["rmse"],
-                  "valid_mae": errors["mae"], "samples_per_s": steps * batch * size / train_seconds, "seconds": seconds}
-        state["history"].append(record)
-        if errors["rmse"] < state["best_rmse"] - 1e-6:
-            state.update(best_rmse=errors["rmse"], best_epoch=epoch + 1,
-                         best_model=copy.deepcopy(model.state_dict()) if rank == 0 else None)
-            bad_epochs = 0
-        else:
-            bad_epochs += 1
-        state.update(epoch=epoch + 1, bad_epochs=bad_epochs)
-        if rank == 0:
-            elapsed = time.time() - started
-            remaining = elapsed / (epoch + 1) * (t["epochs"] - epoch - 1)
-            print(f"epoch {epoch + 1:3d}/{t['epochs']}  loss {train_loss:.4f}  valid RMSE {errors['rmse']:.4f}"
-                  f"  MAE {errors['mae']:.4f}  {record['samples_per_s']:,.0f} samples/s"
-                  f"  elapsed {elapsed:.0f}s  ETA {remaining:.0f}s", flush=True)
-            save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": state},
-                 job["checkpoint"])
-        if bad_epochs >= t["patience"]:
-            if rank == 0:
-                print(f"early stop: no better validation RMSE for {bad_epochs} epochs", flush=True)
-            break
+        record = {"valid_rmse": errors["rmse"], "valid_mae": errors["mae"]}
+        if self.ranking_validation is not None:
+            record["valid_ndcg"] = self.ranking_validation.ndcg(self.model)
+        return record
 
-    drawing.shutdown(wait=False, cancel_futures=True)
-    if rank == 0:
-        best = state["best_model"] if state["best_model"] is not None else model.state_dict()
-        save({k: v.cpu() for k, v in best.items()}, job["weights"])
-    return {"rank": rank, "rows": n_local, "local_rows": local_counts, "history": state["history"],
-            "best_epoch": state["best_epoch"], "best_rmse": state["best_rmse"]}
+    def keep_best(self, record: dict) -> None:
+        """The best epoch of each head: the rating parameters of the lowest RMSE and the ranking tables of the
+        highest NDCG (rank 0 keeps copies). An epoch that improves neither counts towards train.patience."""
+        state, improved = self.state, False
+        weights = self.model.state_dict() if self.rank == 0 else None
+        if record["valid_rmse"] < state["best_rmse"] - 1e-6:
+            state.update(best_rmse=record["valid_rmse"], best_epoch=record["epoch"])
+            self.best["model"] = copy.deepcopy(weights)
+            improved = True
+        if record.get("valid_ndcg", -math.inf) > state["best_ndcg"] + 1e-6:
+            state.update(best_ndcg=record["valid_ndcg"], best_ranking_epoch=record["epoch"])
+            self.best["ranking"] = None if weights is None else {
+                k: v.clone() for k, v in weights.items() if k.startswith("ranking_")}
+            improved = True
+        state["history"].append(record)
+        state.update(epoch=record["epoch"], bad_epochs=0 if improved else state["bad_epochs"] + 1)
+
+    def watched(self) -> str:
+        return "RMSE or NDCG" if self.ranking is not None else "RMSE"
+
+    def stopped(self) -> bool:
+        return self.state["bad_epochs"] >= self.t.patience
+
+    def report(self, record: dict) -> None:
+        """Rank 0 prints the epoch's line and writes the checkpoint."""
+        if self.rank != 0:
+            return
+        epochs, epoch = self.t.epochs, record["epoch"]
+        elapsed = time.time() - self.started
+        ndcg = f"  NDCG@{self.job['k']} {record['valid_ndcg']:.4f}" if "valid_ndcg" in record else ""
+        print(f"epoch {epoch:3d}/{epochs}  loss {record['train_loss']:.4f}  valid RMSE {record['valid_rmse']:.4f}"
+              f"  MAE {record['valid_mae']:.4f}{ndcg}  {record['samples_per_s']:,.0f} samples/s"
+              f"  elapsed {elapsed:.0f}s  ETA {elapsed / epoch * (epochs - epoch):.0f}s", flush=True)
+        save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "state": self.state,
+              "best": self.best}, self.job["checkpoint"])
+
+    def finish(self) -> dict:
+        """Rank 0 writes the best weights: the best rating epoch's, with the best ranking epoch's ranking tables."""
+        self.drawing.shutdown(wait=False, cancel_futures=True)
+        if self.rank == 0:
+            best = dict(self.best["model"] if self.best["model"] is not None else self.model.state_dict())
+            best.update(self.best["ranking"] or {})
+            save({k: v.cpu() for k, v in best.items()}, self.job["weights"])
+        state = self.state
+        return {"rank": self.rank, "rows": self.n_local, "local_rows": self.local_counts, "history": state["history"],
+                "best_epoch": state["best_epoch"], "best_rmse": state["best_rmse"],
+                "best_ranking_epoch": state["best_ranking_epoch"],
+                "best_ndcg": state["best_ndcg"] if state["best_ranking_epoch"] > 0 else None}

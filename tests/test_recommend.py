@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline import config, evaluate, peers, recommend, scoring, train
+from pipeline import config, evaluate, peers, recommend, scoring, storage, train
 from pipeline.config import ConfigError
 from pipeline.storage import StageError
 
@@ -30,7 +30,8 @@ def dmf(spark, trained):
     """A dmf model on the same prepared data, and its exact recommendations."""
     cfg, base = trained
     cfg = config.load(overrides=["train.model=dmf", "train.hidden=[16]", "train.epochs=3", "train.user_dim=8",
-                                 "train.item_dim=8", "recommend.top_n=5", "recommend.users_per_block=37"])
+                                 "train.item_dim=8", "recommend.top_n=5", "recommend.users_per_block=37",
+                                 "recommend.order=rating"])  # what two-stage mode re-ranks by
     train.train(spark, cfg, str(base / "data"), str(base / "dmf"))
     recommend.recommend(spark, cfg, str(base / "dmf"), None, str(base / "dmf_recs"))
     return cfg, pd.read_parquet(base / "dmf_recs" / "recommendations")
@@ -56,8 +57,9 @@ def test_top_n_for_every_user_unseen_ordered_and_equal_to_brute_force(spark, tra
     assert m["counts"]["users"] == recs.user_id.nunique() == int((n_seen < len(items)).sum())
     assert not recs.duplicated(["user_id", "item_id"]).any()
     model, _ = train.load_model(str(base / "model"))
-    with torch.no_grad():
-        grid = model.score_all(torch.arange(len(users)), torch.arange(len(items)), clip=False).numpy()
+    assert m["order"] == "ranking" and "ordered by the model's ranking score" in recommend.summary(m, "out")
+    user_vectors, item_vectors = model.ranking_factors()
+    grid = (user_vectors @ item_vectors).numpy()
     id_of_user = dict(zip(users.user_idx, users.user_id))
     id_of_item = dict(zip(items.item_idx, items.item_id))
     for u, rated in seen.groupby("user_idx").item_idx:
@@ -68,8 +70,18 @@ def test_top_n_for_every_user_unseen_ordered_and_equal_to_brute_force(spark, tra
         assert got["rank"].tolist() == list(range(1, len(want) + 1))
         assert not set(got.item_id) & {id_of_item[i] for i in rated}
         assert np.all(np.diff(got.score.to_numpy()) <= 1e-6)
-        np.testing.assert_allclose(np.sort(got.score.to_numpy()), np.sort(scores[np.isfinite(scores)])[::-1][:len(want)][::-1],
-                                   rtol=1e-5)
+        best = np.sort(scores[np.isfinite(scores)])[::-1][:len(want)][::-1]
+        np.testing.assert_allclose(np.sort(got.score.to_numpy()), best, rtol=1e-5)
+
+
+def test_the_order_is_the_ranking_score_when_the_model_has_one(tmp_path):
+    storage.write_manifest(str(tmp_path), {"stage": "train", "spec": {"model": "mf", "ranking_dim": 0}})
+    auto, rating = (config.load(overrides=[f"recommend.order={o}"]) for o in ("auto", "rating"))
+    assert recommend.list_order(auto, str(tmp_path)) == recommend.list_order(rating, str(tmp_path)) == "rating"
+    with pytest.raises(StageError, match="has no ranking score"):
+        recommend.list_order(config.load(overrides=["recommend.order=ranking"]), str(tmp_path))
+    with pytest.raises(ConfigError, match="recommend.candidates re-ranks the retrieved items by predicted rating"):
+        config.load(overrides=["recommend.order=ranking", "recommend.candidates=20"])
 
 
 def test_evaluate_matches_the_training_metrics(spark, trained):

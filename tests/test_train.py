@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline import config, metrics, prepare, storage, synth, train
+from pipeline import config, evaluate, metrics, prepare, storage, synth, train
 from pipeline.config import ConfigError
 from pipeline.storage import StageError
 
@@ -65,12 +65,30 @@ def test_mf_learns_the_planted_structure_and_round_trips(spark, synthetic, tmp_p
 def test_one_and_two_ranks_agree_and_runs_repeat(spark, synthetic, tmp_path):
     data, _ = synthetic
     two = train.train(spark, cfg(), str(data), str(tmp_path / "two"))
-    one = train.train(spark, cfg("train.num_proc=1", "train.batch_size=1024", "train.lr=0.01", "train.scale_lr=false"), str(data),
-                      str(tmp_path / "one"))
+    one = train.train(spark, cfg("train.num_proc=1", "train.batch_size=1024", "train.lr=0.01", "train.scale_lr=false"),
+                      str(data), str(tmp_path / "one"))
     assert abs(one["metrics"]["valid_rmse"] - two["metrics"]["valid_rmse"]) < 0.01
+    assert abs(one["metrics"]["valid_ndcg"] - two["metrics"]["valid_ndcg"]) < 0.02, (one["metrics"], two["metrics"])
     again = train.train(spark, cfg(), str(data), str(tmp_path / "again"))
     assert again["history"] == [{**h, "samples_per_s": a["samples_per_s"], "seconds": a["seconds"]}
                                 for h, a in zip(two["history"], again["history"])]
+
+
+def test_the_ranking_score_recovers_the_planted_choices(spark, synthetic, tmp_path):
+    """synth plants which items a user rates (synth.choice): lists by the ranking score must beat most popular by
+    a wide margin, and lists by predicted rating, which learnt nothing about choices, must not."""
+    data, _ = synthetic
+    c = cfg()
+    train.train(spark, c, str(data), str(tmp_path / "mf"))
+    by_score = evaluate.evaluate(spark, c, str(tmp_path / "mf"), None, str(tmp_path / "report"))
+    popular = by_score["peers"]["most_popular"]["ndcg@10"]
+    assert by_score["order"] == "ranking"
+    assert by_score["ranking"]["ndcg@10"] >= 1.5 * popular, (by_score["ranking"], popular)
+    assert by_score["ranking"]["users_given_most_popular"] < 0.05
+    c.recommend.order = "rating"
+    by_rating = evaluate.evaluate(spark, c, str(tmp_path / "mf"), None, str(tmp_path / "rated"))
+    assert by_rating["order"] == "rating" and by_rating["ranking"]["ndcg@10"] < popular, by_rating["ranking"]
+    assert by_rating["rating"]["rmse"] == by_score["rating"]["rmse"]
 
 
 def test_sparse_and_fp16_gradient_exchange_train_like_the_dense_allreduce(spark, synthetic, tmp_path):

@@ -1,0 +1,124 @@
+"""The ranking objective: which unseen items a user would pick, learnt by the same ranks beside the ratings.
+
+A model built with `ranking_dim` > 0 has a second pair of tables, x_u and y_i, whose dot product s_ui is its
+ranking score (recommend orders the top-N by it). They are trained with the implicit-ALS loss over every
+user x item pair (Hu, Koren and Volinsky 2008; Rendle et al. 2022, "Revisiting the performance of iALS"):
+
+    sum over positive pairs (s_ui - 1)^2  +  a0 x sum over every other pair s_ui^2  +  l2 (|X|^2 + |Y|^2)
+
+No negative is sampled: the sum over every pair is sum_u x_u^T (Y^T Y) x_u = sum_i y_i^T (X^T X) y_i, which the
+Gram matrices of the two tables give in O(d^2) a row. A batch row (u, i) charges x_u and y_i their all-pairs and
+L2 terms divided by how many training ratings they have (n_u, n_i), so that an epoch's gradient is the whole
+objective's. The Grams are held fixed between refreshes (every step or two on small catalogs, every few dozen
+on large ones); at a refresh each rank computes those of the rows it owns, and the ranks sum them, so every
+rank uses the same Grams. A positive is a training rating above the training mean (`positives: above_mean`)
+or any rating (`all`): see docs/benchmarks/ranking-prototype.md for what each gives.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from pipeline import metrics, scoring
+
+VALID_USERS = 10_000  # per rank: validation NDCG is computed on a seeded sample of at most this many users
+
+
+class Objective:
+    """The ranking loss of one rank's batches (see the module docstring)."""
+
+    def __init__(self, model, train: tuple[torch.Tensor, ...], hvd, *, unobserved: float, l2: float,
+                 l2_exponent: float = 0.0, positive_above: float | None, batch: int,
+                 owned: tuple[torch.Tensor, torch.Tensor]):
+        self.users, self.items = model.ranking_user, model.ranking_item
+        self.hvd, self.unobserved, self.positive_above = hvd, unobserved, positive_above
+        n_users, n_items = self.users.num_embeddings, self.items.num_embeddings
+        self.user_counts = count_rows(hvd, train[0], n_users, "ranking.user_counts")
+        self.item_counts = count_rows(hvd, train[1], n_items, "ranking.item_counts")
+        # A row's L2 over an epoch is l2 (n + a0 x the other side's rows)^l2_exponent (iALS++'s frequency-scaled
+        # regularization, Rendle et al. 2022; exponent 0: the same for every row), charged 1/n per appearance.
+        self.user_l2, self.item_l2 = (l2 * (counts + unobserved * others) ** l2_exponent / counts
+                                      for counts, others in ((self.user_counts, n_items), (self.item_counts, n_users)))
+        self.owned = owned
+        size = hvd.size()
+        # A refresh costs 2 (users + items) d^2 / size, a step's all-pairs term 4 batch d^2: refreshed this often,
+        # the Grams add at most a quarter to the ranking term's cost.
+        self.refresh_every = max(1, math.ceil((self.users.num_embeddings + self.items.num_embeddings)
+                                              / (size * batch)))
+        self.user_gram = self.item_gram = None
+
+    def refresh(self) -> None:
+        with torch.no_grad():
+            self.user_gram, self.item_gram = (
+                self.hvd.allreduce(table.weight[rows].T @ table.weight[rows], op=self.hvd.Sum, name=f"ranking.{name}")
+                for table, rows, name in ((self.users, self.owned[0], "user_gram"),
+                                          (self.items, self.owned[1], "item_gram")))
+
+    def loss(self, users: torch.Tensor, items: torch.Tensor, ratings: torch.Tensor, step: int) -> torch.Tensor:
+        if step % self.refresh_every == 0:
+            self.refresh()
+        x, y = self.users(users), self.items(items)
+        s = (x * y).sum(1)
+        positive = torch.ones_like(s) if self.positive_above is None else (ratings > self.positive_above).to(s.dtype)
+        # A positive pair's weight is 1 (target 1); the all-pairs term counts it at a0, so that is taken off here.
+        fit = positive * ((s - 1) ** 2 - self.unobserved * s ** 2)
+        per_user, per_item = 1 / self.user_counts[users], 1 / self.item_counts[items]
+        every_pair = (x @ self.item_gram * x).sum(1) * per_user + (y @ self.user_gram * y).sum(1) * per_item
+        penalty = x.pow(2).sum(1) * self.user_l2[users] + y.pow(2).sum(1) * self.item_l2[items]
+        return (fit + self.unobserved * every_pair + penalty).mean()
+
+
+def count_rows(hvd, column: torch.Tensor, n: int, name: str) -> torch.Tensor:
+    """Training ratings of each row over all ranks, at least 1 (a row with none never reaches a batch)."""
+    counts = torch.bincount(column.cpu(), minlength=n).to(torch.float32)
+    return hvd.allreduce(counts, op=hvd.Sum, name=name).clamp(min=1).to(column.device)
+
+
+def owned_rows(n: int, rank: int, size: int, local: np.ndarray | None, everyones: torch.Tensor | None) -> torch.Tensor:
+    """The rows whose Gram share this rank computes: its local rows (which only it updates), and of the rows
+    local to no rank every size-th one."""
+    rows = torch.arange(n)
+    mine = rows % size == rank
+    if local is not None:
+        anyones = torch.zeros(n, dtype=torch.bool)
+        anyones[everyones] = True
+        mine = torch.from_numpy(local) | (mine & ~anyones)
+    return rows[mine]
+
+
+class Validation:
+    """NDCG@k of the ranking score on a seeded sample of this rank's validation users (their relevant items: a
+    validation rating >= relevant_rating; their training items masked), summed over the ranks: the figure that
+    keeps the best ranking epoch. Evaluate reports the same metric on every user."""
+
+    def __init__(self, hvd, train: tuple[torch.Tensor, ...], valid: tuple[torch.Tensor, ...], n_users: int,
+                 relevant_rating: float, k: int, seed: int):
+        self.hvd, self.k = hvd, k
+        users, items, ratings = (c.cpu().numpy() for c in valid)
+        hit = ratings >= relevant_rating
+        candidates = np.unique(users[hit])
+        rng = np.random.default_rng([seed, hvd.rank()])
+        self.users = np.sort(rng.permutation(candidates)[:VALID_USERS])
+        relevant = scoring.by_user(users[hit], items[hit], n_users)
+        self.relevant = [set(relevant[1][relevant[0][u]:relevant[0][u + 1]].tolist()) for u in self.users]
+        # A user's training ratings may lie in another rank's shard: every rank's, for every sampled user.
+        sampled = torch.zeros(n_users, dtype=torch.int32)
+        sampled[torch.from_numpy(self.users)] = 1
+        sampled = hvd.allreduce(sampled, op=hvd.Sum, name="ranking.valid_users") > 0
+        train_users, train_items = train[0].cpu(), train[1].cpu()
+        keep = sampled[train_users]
+        seen_users = hvd.allgather(train_users[keep], name="ranking.seen_users").numpy()
+        seen_items = hvd.allgather(train_items[keep], name="ranking.seen_items").numpy()
+        self.seen = scoring.by_user(seen_users, seen_items, n_users)
+
+    def ndcg(self, model) -> float:
+        with torch.no_grad():
+            x, y = model.ranking_user.weight.cpu(), model.ranking_item.weight.cpu()
+            lists = scoring.top_lists(lambda block: x[torch.from_numpy(block)] @ y.T, self.users, self.seen, self.k)
+        result = metrics.ranking_metrics(lists, self.relevant, self.k)
+        total = 0.0 if not result["users"] else result[f"ndcg@{self.k}"] * result["users"]
+        summed = self.hvd.allreduce(torch.tensor([total, float(result["users"])], dtype=torch.float64),
+                                    op=self.hvd.Sum, name="ranking.ndcg")
+        return float(summed[0] / summed[1]) if summed[1] > 0 else math.nan

@@ -1,0 +1,103 @@
+"""The ranking objective's batch loss against the whole objective written out over every user x item pair."""
+import numpy as np
+import pytest
+import torch
+
+from pipeline import models, ranking
+
+
+class OneRank:
+    """Horovod's collectives as one rank sees them when it is the only one."""
+    Sum = "sum"
+
+    def rank(self):
+        return 0
+
+    def size(self):
+        return 1
+
+    def allreduce(self, tensor, op=None, name=None):
+        return tensor.clone()
+
+    def allgather(self, tensor, name=None):
+        return tensor.clone()
+
+
+def spec(n_users, n_items, dim=4):
+    return {"model": "mf", "n_users": n_users, "n_items": n_items, "user_dim": 3, "item_dim": 3, "hidden": [],
+            "dropout": 0.0, "batch_norm": False, "head": "regression", "rating_levels": [1, 2, 3, 4, 5],
+            "global_mean": 3.0, "n_genres": 0, "max_genres": 0, "ranking_dim": dim}
+
+
+def ratings(seed=0, n_users=7, n_items=9):
+    rng = np.random.default_rng(seed)
+    pairs = [(u, i) for u in range(n_users) for i in range(n_items) if rng.random() < 0.4]
+    pairs += [(u, u % n_items) for u in range(n_users)] + [(i % n_users, i) for i in range(n_items)]  # none unrated
+    pairs = sorted(set(pairs))
+    u, i = (torch.tensor(c) for c in zip(*pairs))
+    return u, i, torch.as_tensor(rng.integers(1, 6, len(pairs)), dtype=torch.float32)
+
+
+@pytest.mark.parametrize("positive_above,l2_exponent", [(None, 0.0), (3.0, 0.0), (3.0, 1.0)])
+def test_a_full_batch_has_the_gradient_of_the_objective_over_every_pair(positive_above, l2_exponent):
+    torch.manual_seed(0)
+    u, i, r = ratings()
+    model = models.build(spec(7, 9))
+    a0, l2 = 0.3, 0.7
+    owned = (torch.arange(7), torch.arange(9))
+    objective = ranking.Objective(model, (u, i, r), OneRank(), unobserved=a0, l2=l2, l2_exponent=l2_exponent,
+                                  positive_above=positive_above, batch=len(u), owned=owned)
+    assert objective.refresh_every == 1
+    objective.loss(u, i, r, step=0).backward()
+    got = model.ranking_user.weight.grad.clone(), model.ranking_item.weight.grad.clone()
+
+    x, y = (t.weight.detach().clone().requires_grad_() for t in (model.ranking_user, model.ranking_item))
+    s = x @ y.T
+    positive = torch.zeros_like(s, dtype=torch.bool)
+    positive[u, i] = True if positive_above is None else r > positive_above
+    n_u, n_i = torch.bincount(u, minlength=7).float(), torch.bincount(i, minlength=9).float()
+    row_l2 = [l2 * (n_u + a0 * 9) ** l2_exponent, l2 * (n_i + a0 * 7) ** l2_exponent]
+    whole = ((s - 1) ** 2 * positive).sum() + a0 * (s ** 2 * ~positive).sum() + \
+        (row_l2[0] * x.pow(2).sum(1)).sum() + (row_l2[1] * y.pow(2).sum(1)).sum()
+    (whole / len(u)).backward()
+    torch.testing.assert_close(got[0], x.grad)
+    torch.testing.assert_close(got[1], y.grad)
+
+
+def test_the_grams_are_refreshed_only_as_often_as_the_catalog_needs():
+    u, i, r = ratings()
+    model = models.build(spec(7, 9))
+    objective = ranking.Objective(model, (u, i, r), OneRank(), unobserved=0.1, l2=1.0, positive_above=None,
+                                  batch=2, owned=(torch.arange(7), torch.arange(9)))
+    assert objective.refresh_every == 8  # (7 + 9) rows over 2 a batch
+    objective.loss(u[:2], i[:2], r[:2], step=0)
+    before = objective.item_gram.clone()
+    with torch.no_grad():
+        model.ranking_item.weight.mul_(2)
+    objective.loss(u[:2], i[:2], r[:2], step=1)
+    assert torch.equal(objective.item_gram, before)
+    objective.loss(u[:2], i[:2], r[:2], step=8)
+    torch.testing.assert_close(objective.item_gram, 4 * before)
+
+
+def test_every_row_is_owned_by_exactly_one_rank():
+    local = [np.zeros(10, dtype=bool) for _ in range(3)]
+    local[1][[2, 5]] = True
+    local[2][[7]] = True
+    everyones = torch.tensor([2, 5, 7])
+    owned = [ranking.owned_rows(10, rank, 3, local[rank], everyones) for rank in range(3)]
+    assert sorted(torch.cat(owned).tolist()) == list(range(10))
+    assert {2, 5} <= set(owned[1].tolist()) and 7 in owned[2].tolist()
+    assert sorted(torch.cat([ranking.owned_rows(10, rank, 3, None, None) for rank in range(3)]).tolist()) == \
+        list(range(10))
+
+
+def test_a_model_without_a_ranking_dim_has_no_ranking_score_and_the_same_rating_tables():
+    torch.manual_seed(1)
+    plain = models.build({**spec(7, 9), "ranking_dim": 0})
+    torch.manual_seed(1)
+    ranked = models.build(spec(7, 9))
+    assert plain.ranking_factors() is None and plain.ranking_user is None
+    torch.testing.assert_close(plain.user_embedding.weight, ranked.user_embedding.weight)
+    users, items = ranked.ranking_factors()
+    assert users.shape == (7, 4) and items.shape == (4, 9)
