@@ -1,5 +1,9 @@
 """Synthetic MovieLens-shaped ratings with a planted low-rank structure, and the error of the truth behind them.
 
+Two things are planted: how a user rates an item (biases plus <p_u, q_i>, with noise), and which items a user
+rates at all (popularity, and with synth.choice > 0 the same factors: users pick what they like, as in real
+data), so that a rating model and a ranking model each have a truth to recover.
+
 The output is laid out like an ml-20m release (`ratings.csv/` and `movies.csv/` as Spark part files with a
 header each, half-star scale or whole stars), so `prepare` ingests it like real data. Ratings are drawn
 in fixed blocks of row ids, each from its own random stream keyed by (seed, block): the same config gives
@@ -27,6 +31,7 @@ MU, USER_BIAS_STD, ITEM_BIAS_STD, INTERACTION_STD = 3.5, 0.3, 0.4, 0.8
 USER_EXPONENT, ITEM_EXPONENT = 0.7, 1.0  # power laws of activity and popularity over rank
 GENRE_SHARE = 0.15  # the top share of items along a genre's direction has that genre
 FIRST_TIME, END_TIME = 946_684_800, 1_577_836_800  # 2000-01-01 and 2020-01-01 UTC
+CHOICE_CANDIDATES = 8  # popularity draws a user picks one from, by planted affinity (see draw_block)
 DRAWN = "id long, userId int, movieId int, rating double, timestamp long, score double"
 
 
@@ -94,7 +99,10 @@ def draw_block(model: Planted, cfg: SynthConfig, block: int, rows: int) -> pd.Da
     """Rows block*rows .. (block+1)*rows-1 of the endless stream of independent draws, before deduplication."""
     rng = np.random.default_rng([cfg.seed, 1, block])
     users = model.user_by_rank[np.searchsorted(_cdf(model.user_popularity), rng.random(rows), side="right")]
-    items = model.item_by_rank[np.searchsorted(_cdf(model.item_popularity), rng.random(rows), side="right")]
+    candidates = CHOICE_CANDIDATES if cfg.choice else 1  # with one, the same stream as before choices were planted
+    items = model.item_by_rank[np.searchsorted(_cdf(model.item_popularity), rng.random((rows, candidates)),
+                                               side="right")]
+    items = items[np.arange(rows), pick(model, cfg.choice, users, items, rng)]
     score = model.score(users, items)
     low, high, step = scale(cfg)
     rating = np.clip(np.round((score + rng.normal(0, cfg.noise, rows)) / step) * step, low, high)
@@ -102,6 +110,17 @@ def draw_block(model: Planted, cfg: SynthConfig, block: int, rows: int) -> pd.Da
                          "userId": (users + 1).astype(np.int32), "movieId": (items + 1).astype(np.int32),
                          "rating": rating, "timestamp": rng.integers(FIRST_TIME, END_TIME, rows),
                          "score": score})
+
+
+def pick(model: Planted, strength: float, users: np.ndarray, candidates: np.ndarray, rng) -> np.ndarray:
+    """Which of each row's candidate items (drawn by popularity) its user picks: the one with the highest
+    strength x <p_u, q_i> / INTERACTION_STD plus Gumbel noise, so a user picks item i with probability in
+    proportion to exp(strength x affinity) among the candidates: exposure that depends on popularity and on the
+    planted factors, which a ranking model can recover and most-popular cannot."""
+    if candidates.shape[1] == 1:
+        return np.zeros(len(users), dtype=np.int64)
+    affinity = np.einsum("rd,rcd->rc", model.user_factors[users], model.item_factors[candidates]) / INTERACTION_STD
+    return np.argmax(strength * affinity - np.log(-np.log(rng.random(candidates.shape))), axis=1)
 
 
 def draws_needed(user_p: np.ndarray, item_p: np.ndarray, target: float, cap: int) -> int:
@@ -225,6 +244,8 @@ def generate(spark: SparkSession, cfg: SynthConfig, out: str, force: bool = Fals
             manifest = storage.write_manifest(tmp, {
                 "stage": "synth", "config": dataclasses.asdict(cfg),
                 "scale": dict(zip(("min", "max", "step"), scale(cfg))),
+                "planted": {"rank": cfg.rank, "noise": cfg.noise, "choice": cfg.choice,
+                            "choice_candidates": CHOICE_CANDIDATES if cfg.choice else 1},
                 **_summary(ratings, cfg),
                 "draws": blocks * rows, "partitions": min(parts, blocks), "files": files})
         return manifest
