@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 
@@ -33,11 +32,15 @@ STAGE_FLAGS = {
         "--half-stars": ("synth.half_stars", bool, "ratings in half stars 0.5-5 instead of whole stars 1-5"),
     },
     "prepare": {
-        "--input": ("prepare.input", str, "MovieLens directory or .zip, or one ratings file (u.data, ratings.dat, ratings.csv, Parquet)"),
+        "--input": ("prepare.input", str, "MovieLens directory or .zip, or one ratings file (u.data, ratings.dat, "
+                                          "ratings.csv, Parquet)"),
         "--format": ("prepare.format", str, "auto (detected from the files), ml-100k, ml-1m, ml-10m, csv or parquet"),
-        "--min-user-ratings": ("prepare.min_user_ratings", int, "drop users with fewer ratings (repeated until stable)"),
-        "--min-item-ratings": ("prepare.min_item_ratings", int, "drop items with fewer ratings (repeated until stable)"),
-        "--max-reject-fraction": ("prepare.max_reject_fraction", float, "fail when more input rows than this are invalid"),
+        "--min-user-ratings": ("prepare.min_user_ratings", int,
+                               "drop users with fewer ratings (repeated until stable)"),
+        "--min-item-ratings": ("prepare.min_item_ratings", int,
+                               "drop items with fewer ratings (repeated until stable)"),
+        "--max-reject-fraction": ("prepare.max_reject_fraction", float,
+                                  "fail when more input rows than this are invalid"),
         "--split": ("prepare.split.method", str, "random, user_fraction, user_temporal or global_time"),
         "--valid-fraction": ("prepare.split.fraction", float, "share of ratings for validation"),
         "--seed": ("prepare.split.seed", int, "split seed"),
@@ -54,12 +57,15 @@ TRAIN_FLAGS = {
 }
 STAGE_FLAGS["train"] = TRAIN_FLAGS
 STAGE_FLAGS["evaluate"] = {"--k": ("evaluate.k", int, "cut-off of the ranking metrics"),
-                           "--relevant-rating": ("evaluate.relevant_rating", float, "validation ratings at or above this are relevant")}
+                           "--relevant-rating": ("evaluate.relevant_rating", float,
+                                                 "validation ratings at or above this are relevant")}
 STAGE_FLAGS["recommend"] = {"--top-n": ("recommend.top_n", int, "recommendations per user (1-1000)"),
                             "--output-format": ("recommend.format", str, "parquet or csv"),
                             "--candidates": ("recommend.candidates", int, "two-stage: retrieve this many unseen items "
                                                                           "per user by dot product, re-rank with the "
                                                                           "model (0: score every item)")}
+STAGE_FLAGS["tune"] = {"--model": TRAIN_FLAGS["--model"], "--num-proc": TRAIN_FLAGS["--num-proc"],
+                       "--epochs": TRAIN_FLAGS["--epochs"]}
 STAGE_FLAGS["predict"] = {}
 STAGE_FLAGS["similar"] = {}
 STAGE_FLAGS["current"] = {}
@@ -87,6 +93,8 @@ HELP = {
     "train": "train a model on a prepared data set with Horovod ranks",
     "evaluate": "rating error and full-catalog ranking quality of a model on the validation split",
     "recommend": "top-N unseen items for every user, in the original ids",
+    "tune": "search the settings that matter for one target (validation RMSE or NDCG) with seeded Optuna trials, "
+            "each trained like dmf train; write the best as a config file for dmf train --config",
     "predict": "score given (user, item) pairs",
     "similar": "nearest items to one item in embedding space",
     "run": "the whole pipeline into work_dir/runs/RUN_ID/: synth (or --input), prepare, train, evaluate, "
@@ -107,42 +115,7 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("--config", help="YAML config (see conf/); the built-in defaults are conf/local.yaml")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override one config key, e.g. --set train.lr=0.005 (repeatable)")
-        if name == "current":
-            p.add_argument("--to", dest="point_at", metavar="RUN_ID",
-                           help="point CURRENT at this run (complete, and passed its gate): a rollback")
-        if name not in ("run", "similar", "current", "publish", "lookup"):
-            p.add_argument("--out", help="output directory (default under the work directory)")
-        if name == "run":
-            p.add_argument("--redo", action="store_true",
-                           help="run every stage again, replacing the run's outputs (default: skip the stages "
-                                "whose output in the run is complete)")
-        if name not in ("similar", "current", "publish", "lookup"):
-            p.add_argument("--force", action="store_true",
-                           help="replace an output directory that is not an earlier output of this stage (a plain "
-                                "file is never replaced); without it such a path is refused before any work")
-        if name not in ("synth", "prepare", "run", "current", "publish", "lookup"):
-            p.add_argument("--data", help="prepared data directory (default: work_dir/prepared/DATASET, or the "
-                                          "one the model was trained on)")
-        if name in ("evaluate", "recommend", "predict", "similar"):
-            p.add_argument("--model-dir", help="trained model directory (default: work_dir/models/RUN)")
-        if name == "publish":
-            p.add_argument("--recs", help="recommend output directory (default: the run's, or "
-                                          "work_dir/recommendations/RUN)")
-            p.add_argument("--model-dir", help="model whose similar items to publish (implies --similar; "
-                                               "default: the one the recommendations came from)")
-        if name == "lookup":
-            p.add_argument("--user", type=int, required=True, help="original user id")
-        if name == "recommend":
-            p.add_argument("--retrieval-model-dir",
-                           help="two-stage: the mf or two_tower model that retrieves candidates (default: the model "
-                                "itself, which must then be mf or two_tower)")
-        if name == "train":
-            p.add_argument("--resume", action="store_true", help="continue from the last checkpoint of a stopped run")
-        if name == "predict":
-            p.add_argument("--pairs", required=True, help="CSV with userId,movieId or Parquet with user_id,item_id")
-        if name == "similar":
-            p.add_argument("--item", type=int, required=True, help="original item id")
-            p.add_argument("--n", type=int, default=10, help="how many neighbours (default 10)")
+        _command_options(p, name)
         common = {"--work-dir": COMMON["--work-dir"]} if name == "current" else COMMON
         for flag, (key, kind, text) in {**common, **flags}.items():
             dest = "cfg__" + key.replace(".", "__")
@@ -154,6 +127,53 @@ def parser() -> argparse.ArgumentParser:
         for old in RENAMED.get(name, {}):
             p.add_argument(old, dest=f"renamed__{old}", help=argparse.SUPPRESS)
     return top
+
+
+def _command_options(p: argparse.ArgumentParser, name: str) -> None:
+    """The options that only some commands take: outputs, inputs, and each command's own."""
+    if name == "current":
+        p.add_argument("--to", dest="point_at", metavar="RUN_ID",
+                       help="point CURRENT at this run (complete, and passed its gate): a rollback")
+    if name == "tune":
+        p.add_argument("--out", help="the config file to write (default work_dir/tuned/RUN-TARGET.yaml)")
+    elif name not in ("run", "similar", "current", "publish", "lookup"):
+        p.add_argument("--out", help="output directory (default under the work directory)")
+    if name == "run":
+        p.add_argument("--redo", action="store_true",
+                       help="run every stage again, replacing the run's outputs (default: skip the stages "
+                            "whose output in the run is complete)")
+    if name not in ("similar", "current", "publish", "lookup"):
+        p.add_argument("--force", action="store_true",
+                       help="replace an output directory that is not an earlier output of this stage (a plain "
+                            "file is never replaced); without it such a path is refused before any work")
+    if name not in ("synth", "prepare", "run", "current", "publish", "lookup"):
+        p.add_argument("--data", help="prepared data directory (default: work_dir/prepared/DATASET, or the "
+                                      "one the model was trained on)")
+    if name in ("evaluate", "recommend", "predict", "similar"):
+        p.add_argument("--model-dir", help="trained model directory (default: work_dir/models/RUN)")
+    if name == "publish":
+        p.add_argument("--recs", help="recommend output directory (default: the run's, or "
+                                      "work_dir/recommendations/RUN)")
+        p.add_argument("--model-dir", help="model whose similar items to publish (implies --similar; "
+                                           "default: the one the recommendations came from)")
+    if name == "lookup":
+        p.add_argument("--user", type=int, required=True, help="original user id")
+    if name == "recommend":
+        p.add_argument("--retrieval-model-dir",
+                       help="two-stage: the mf or two_tower model that retrieves candidates (default: the model "
+                            "itself, which must then be mf or two_tower)")
+    if name == "tune":
+        p.add_argument("--target", choices=("rmse", "ndcg"), default="rmse",
+                       help="what the search improves: the rating head's validation RMSE or the ranking score's "
+                            "validation NDCG@k (default rmse)")
+        p.add_argument("--trials", type=int, default=20, help="trainings to run (default 20)")
+    if name == "train":
+        p.add_argument("--resume", action="store_true", help="continue from the last checkpoint of a stopped run")
+    if name == "predict":
+        p.add_argument("--pairs", required=True, help="CSV with userId,movieId or Parquet with user_id,item_id")
+    if name == "similar":
+        p.add_argument("--item", type=int, required=True, help="original item id")
+        p.add_argument("--n", type=int, default=10, help="how many neighbours (default 10)")
 
 
 def renamed_flags(args) -> list[str]:
@@ -196,10 +216,6 @@ def main(argv: list[str] | None = None) -> int:
     except StageError as e:
         print(f"dmf {args.command}: error: {e}", file=sys.stderr)
         return 1
-
-
-def dump(obj) -> str:
-    return json.dumps(obj, indent=2, default=str)
 
 
 if __name__ == "__main__":

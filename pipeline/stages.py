@@ -55,6 +55,19 @@ def train(cfg: Config, args) -> str:
     return train_mod.summary(manifest, out)
 
 
+def tune(cfg: Config, args) -> str:
+    from pipeline import tune as tune_mod
+
+    data = _where(cfg, getattr(args, "data", None), "prepare", "prepared", cfg.dataset)
+    out = args.out or cfg.path("tuned", f"{cfg.run}-{args.target}.yaml")
+    flags = [f"{key}={value}" for key, value in
+             (("train.model", args.cfg__train__model), ("train.num_proc", args.cfg__train__num_proc),
+              ("train.epochs", args.cfg__train__epochs)) if value is not None]
+    result = tune_mod.tune(_spark(cfg), cfg, args.config, [*args.set, *flags], data, out, args.target, args.trials,
+                           force=_force(args))
+    return tune_mod.summary(result)
+
+
 def _force(args) -> bool:
     return getattr(args, "force", False)
 
@@ -180,4 +193,4 @@ def current(cfg: Config, args) -> str:
 
 COMMANDS = {"synth": synth, "prepare": prepare, "train": train, "evaluate": evaluate, "recommend": recommend,
             "predict": predict, "similar": similar, "run": run, "current": current,
-            "publish": publish, "lookup": lookup}
+            "publish": publish, "lookup": lookup, "tune": tune}
