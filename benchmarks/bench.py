@@ -244,7 +244,8 @@ def time_to(curve: list, target: float) -> float | None:
 
 
 def grid_edges(tried: list[dict]) -> list[str]:
-    """The searched ALS parameters whose best value is the grid's smallest or largest: a wider search might do better."""
+    """The searched ALS parameters whose best value is the grid's smallest or largest: a wider search might do
+    better."""
     best = min(tried, key=lambda g: g["rmse"])
     edges = []
     for key, name in (("rank", "rank"), ("reg", "regParam"), ("iters", "maxIter")):
@@ -352,7 +353,8 @@ def plots(results: dict, folder: Path) -> list[str]:
         notes.append("![training throughput against ranks](benchmarks/throughput_vs_ranks.png)\n\n"
                      "Throughput against Horovod ranks, from the numbers of docs/benchmarks/train-throughput.md.")
     else:
-        notes.append("No throughput-against-ranks plot: docs/benchmarks/train-throughput.md (benchmarks/train_bench.py) "
+        notes.append("No throughput-against-ranks plot: docs/benchmarks/train-throughput.md "
+                     "(benchmarks/train_bench.py) "
                      "has no numbers yet.")
     return notes
 
@@ -406,7 +408,8 @@ def document(results: dict, out: Path) -> str:
                   f"{c['users']:,} users x {c['items']:,} items, {c['train']:,} training and {c['valid']:,} "
                   f"validation ratings; split {split.get('method', '?')} (fraction {split.get('fraction', '?')}, "
                   f"seed {split.get('seed', '?')}); {'real' if r['real'] else 'synthetic'} data; "
-                  f"{r['repeat']} repetition(s) of each timing; config {Path(r['conf']).name if r['conf'] else 'defaults'}"
+                  f"{r['repeat']} repetition(s) of each timing; config "
+                  f"{Path(r['conf']).name if r['conf'] else 'defaults'}"
                   + (f" with {' '.join(r['overrides'])}" if r["overrides"] else "") + ".\n",
                   table(r), "",
                   f"ALS grid ({len(r['als_grid'])} settings): "
@@ -476,7 +479,8 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], help="override for every model, e.g. train.epochs=30")
     parser.add_argument("--als-grid", choices=["auto", *ALS_GRIDS], default="auto",
                         help=f"auto: full below {BIG:,} training ratings, small above")
-    parser.add_argument("--repeat", type=int, help=f"timing repetitions (default 3 below {BIG:,} training ratings, else 1)")
+    parser.add_argument("--repeat", type=int,
+                        help=f"timing repetitions (default 3 below {BIG:,} training ratings, else 1)")
     parser.add_argument("--driver-memory", default="6g")
     parser.add_argument("--work", default=str(WORK))
     parser.add_argument("--out", default=str(ROOT / "docs" / "BENCHMARKS.md"))

@@ -101,7 +101,8 @@ def main() -> None:
              "| method | seconds (each run) | median | ALS time / this |", "| --- | --- | --- | --- |"]
     for name, seconds in rows:
         median = statistics.median(seconds)
-        lines.append(f"| {name} | {', '.join(f'{s:.1f}' for s in seconds)} | {median:.1f} | {als_median / median:.2f} |")
+        times = ", ".join(f"{s:.1f}" for s in seconds)
+        lines.append(f"| {name} | {times} | {median:.1f} | {als_median / median:.2f} |")
     text = "\n".join(lines) + "\n"
     print(text)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

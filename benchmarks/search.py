@@ -55,7 +55,8 @@ def run_one(conf: str, base: list[str], setting: dict, data_dir: str, data: dict
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| model | settings | valid RMSE | MAE | best epoch / run | seconds |", "| --- | --- | --- | --- | --- | --- |"]
+    lines = ["| model | settings | valid RMSE | MAE | best epoch / run | seconds |",
+             "| --- | --- | --- | --- | --- | --- |"]
     for r in sorted(rows, key=lambda r: r["rmse"]):
         s = dict(r["setting"])
         model = s.pop("model", "")

@@ -10,7 +10,8 @@ gradients) runs through the real launcher for a few epochs; samples/s is that of
 the fastest epoch after the first, over all ranks together. A plain single-process PyTorch loop with
 the same global batch runs in the same run as the reference, and the allgather of one batch's rows
 alone tells what the exchange costs. Accuracy: the same variants trained to
-early stopping on a real split, compared by validation RMSE. Writes docs/benchmarks/train-throughput.md or train-accuracy.md.
+early stopping on a real split, compared by validation RMSE. Writes docs/benchmarks/train-throughput.md or
+train-accuracy.md.
 """
 from __future__ import annotations
 
@@ -100,8 +101,9 @@ def main() -> None:
     parser.add_argument("--optimizers", default="adam,adagrad", help="the variants of these optimizers only")
     parser.add_argument("--accuracy-data", help="a prepared real split: train each variant to early stopping")
     parser.add_argument("--config", help="config for the accuracy runs (e.g. conf/ml-100k.yaml)")
-    parser.add_argument("--set", action="append", default=[], help="override for the accuracy runs, e.g. "
-                                                                    "train.item_history=false (sparse gradients need it)")
+    parser.add_argument("--set", action="append", default=[],
+                        help="override for the accuracy runs, e.g. train.item_history=false (sparse gradients "
+                             "need it)")
     parser.add_argument("--work", default=str(WORK))
     parser.add_argument("--out", help="default docs/benchmarks/train-throughput.md or train-accuracy.md")
     args = parser.parse_args()
@@ -112,7 +114,8 @@ def main() -> None:
         lines += [f"## Accuracy of the gradient exchange variants on {args.accuracy_data}\n",
                   f"`{' '.join(shlex.quote(a) for a in ['benchmarks/train_bench.py', *sys.argv[1:]])}`, "
                   "2 ranks, trained to early stopping.\n",
-                  "| model | optimizer | gradients | valid RMSE | best epoch | seconds |", "| --- | --- | --- | --- | --- | --- |"]
+                  "| model | optimizer | gradients | valid RMSE | best epoch | seconds |",
+                  "| --- | --- | --- | --- | --- | --- |"]
         for model in args.models.split(","):
             for optimizer, gradients in variants:
                 m = run(spark, args.config, args.accuracy_data, f"{args.work}/acc-{model}-{optimizer}-{gradients}",
@@ -138,7 +141,8 @@ def main() -> None:
                   f"allgathering that many item rows of {args.dim} floats and their indices between 2 ranks, with "
                   f"nothing else running, took {exchange:.1f} ms a step: {2 * args.batch / exchange * 1000:,.0f} "
                   f"samples/s if the exchange were all that a step did.\n",
-                  "| model | optimizer | gradients | ranks | samples/s | x plain loop |", "| --- | --- | --- | --- | --- | --- |"]
+                  "| model | optimizer | gradients | ranks | samples/s | x plain loop |",
+                  "| --- | --- | --- | --- | --- | --- |"]
         print(*lines[-4:-2], sep="\n", flush=True)
         for model in args.models.split(","):
             for optimizer, gradients in variants:

@@ -69,7 +69,8 @@ def predict(spark: SparkSession, model_dir: str, pairs_path: str, out: str, data
             written = spark.read.parquet(f"{tmp}/predictions")
         counts = _counts(written)
         if counts["rows"] != df.count():
-            raise StageError(f"internal error: {pairs_path} has {df.count():,} rows, the predictions {counts['rows']:,}")
+            raise StageError(f"internal error: {pairs_path} has {df.count():,} rows, the predictions "
+                             f"{counts['rows']:,}")
         storage.write_manifest(tmp, {"stage": "predict", "model": model_dir, "data": data_dir, "pairs": pairs_path,
                                      "format": "csv" if csv else "parquet", "path": "predictions", "counts": counts})
     return storage.read_manifest(out, "predict")

@@ -19,11 +19,6 @@ from pipeline.storage import StageError
 
 log = logging.getLogger(__name__)
 
-# Checked in this order; a row is rejected for the first one it fails.
-INVALID_REASONS = ("unparseable_line", "missing_id", "non_integer_id", "negative_id", "id_out_of_range",
-                   "bad_rating", "rating_out_of_scale", "bad_timestamp", "duplicate_pair")
-# Rows that were valid but are not used; they do not count against max_reject_fraction.
-UNUSED_REASONS = ("below_min_ratings", "cold_start_validation")
 RATING_COLUMNS = ["user_idx", "item_idx", "rating", "timestamp"]
 INT32_MAX = 2**31 - 1
 
@@ -129,7 +124,8 @@ def validate(raw: DataFrame, scale: tuple) -> DataFrame:
 
     bad_rating = rating.isNull() | F.isnan(rating)
     off_scale = (rating < low) | (rating > high) | (F.abs(rating / step - F.round(rating / step)) > 1e-6)
-    # The first branch passes the common, clean row; the others find the reason of any other row.
+    # The first branch passes the common, clean row; the others find the reason of any other row, which is the
+    # first it fails in this order.
     reason = F.when((F.col("fields") == 4) & plain("user_id", INT32_MAX + 1) & plain("item_id", INT32_MAX + 1)
                     & ~bad_rating & ~off_scale & plain("timestamp", 10**18), F.lit(None))
     reason = reason.when(F.col("fields") != 4, "unparseable_line")
@@ -275,7 +271,8 @@ def _publish(spark, cfg: Config, out, source, shown, files, lines, input_path, c
         stats = (spark.read.parquet(f"{tmp}/train")
                  .agg(F.count(F.lit(1)).alias("n"), F.avg("rating").alias("mean"),
                       F.collect_set("rating").alias("levels")).first())
-        by_reason = {r.reason: r["count"] for r in spark.read.parquet(f"{tmp}/rejected").groupBy("reason").count().collect()}
+        rejected = spark.read.parquet(f"{tmp}/rejected").groupBy("reason").count().collect()
+        by_reason = {r.reason: r["count"] for r in rejected}
         n_valid = spark.read.parquet(f"{tmp}/valid").count()
         n_rejected = sum(by_reason.values())
         manifest = {
@@ -314,7 +311,8 @@ def _movies_frame(spark, movies):
 def summary(manifest: dict, out: str) -> str:
     c = manifest["counts"]
     lines = [f"prepared {manifest['dataset']} -> {out}",
-             f"  input rows {c['input_rows']:,}: train {c['train']:,}, valid {c['valid']:,}, rejected {c['rejected']:,}",
+             f"  input rows {c['input_rows']:,}: train {c['train']:,}, valid {c['valid']:,}, "
+             f"rejected {c['rejected']:,}",
              f"  users {c['users']:,}, items {c['items']:,}, rating levels {manifest['rating_levels']}"]
     for reason, n in sorted(c["rejected_by_reason"].items(), key=lambda kv: -kv[1]):
         lines.append(f"    rejected {reason}: {n:,}")

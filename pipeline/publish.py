@@ -35,8 +35,8 @@ from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
 from pipeline import storage
-from pipeline.storage import StageError
 from pipeline.predict import unit_item_vectors
+from pipeline.storage import StageError
 from pipeline.train import model_and_data, read_table
 
 log = logging.getLogger(__name__)
@@ -183,7 +183,8 @@ def similar_items(model_dir: str, k: int) -> pd.DataFrame:
     """(item_id, rank, similar_item_id, score): each item's k nearest items by the cosine of the model's item
     vectors, ranked as `dmf similar` (pipeline.predict.similar) ranks them, for the whole catalog in blocks."""
     data_dir, data = model_and_data(model_dir, None)
-    ids = read_table(data_dir, data, "items", columns=["item_idx", "item_id"]).sort_values("item_idx").item_id.to_numpy()
+    ids = read_table(data_dir, data, "items", columns=["item_idx", "item_id"]).sort_values("item_idx")
+    ids = ids.item_id.to_numpy()
     vectors = unit_item_vectors(model_dir)
     k = min(k, len(ids) - 1)
     frames = []
@@ -210,6 +211,26 @@ def popular_items(data_dir: str, n: int) -> pd.DataFrame:
                          "title": top.title.to_numpy(), "ratings": top.train_count.to_numpy()})
 
 
+def live_tables(schema: str | None, name: str, similar: bool, similar_table: str | None, tag: str) -> dict:
+    """{kind: live table name} for what a publish writes, checked to be distinct and short enough for their
+    staging names (`<live>_staging_<tag>`) to fit PostgreSQL's limit."""
+    names = {"recommendations": name, "popular": f"{name}_popular"}
+    if similar:
+        similar_schema, names["similar"] = table_name(f"{name}_similar" if similar_table is None else similar_table)
+        if similar_schema not in (None, schema):
+            raise StageError(f"similar table {similar_table} must be in the schema of {schema}.{name}")
+    if len(set(names.values())) < len(names):
+        raise StageError(f"the tables to publish must differ, got {', '.join(names.values())}")
+    longest = MAX_IDENTIFIER - len(STAGING) - len(tag)  # of a live table's name, so that its staging name fits
+    for live in names.values():
+        if len(live) > longest:
+            raise StageError(f"table name {live} is too long: its staging table {live}{STAGING}{tag} would pass "
+                             f"PostgreSQL's {MAX_IDENTIFIER}-character limit on names; use at most {longest} "
+                             f"characters ({longest - len('_popular')} for a table, as {name}_popular and "
+                             f"{name}_similar are published beside it)")
+    return names
+
+
 def publish(spark: SparkSession, recs_dir: str, db_url: str, table: str, model_dir: str | None = None,
             similar_table: str | None = None, similar_k: int = 10, run_id: str | None = None,
             writers: int = 8) -> dict:
@@ -220,21 +241,8 @@ def publish(spark: SparkSession, recs_dir: str, db_url: str, table: str, model_d
     Settings, the database and the JDBC driver are checked before any Spark work."""
     started = time.time()
     schema, name = table_name(table)
-    names = {"recommendations": name, "popular": f"{name}_popular"}
-    if model_dir:
-        similar_schema, names["similar"] = table_name(f"{name}_similar" if similar_table is None else similar_table)
-        if similar_schema not in (None, schema):
-            raise StageError(f"similar table {similar_table} must be in the schema of {table}")
-    if len(set(names.values())) < len(names):
-        raise StageError(f"the tables to publish must differ, got {', '.join(names.values())}")
     tag = uuid.uuid4().hex[:8]
-    longest = MAX_IDENTIFIER - len(STAGING) - len(tag)  # of a live table's name, so that its staging name fits
-    for live in names.values():
-        if len(live) > longest:
-            raise StageError(f"table name {live} is too long: its staging table {live}{STAGING}{tag} would pass "
-                             f"PostgreSQL's {MAX_IDENTIFIER}-character limit on names; use at most {longest} "
-                             f"characters ({longest - len('_popular')} for a table, as {name}_popular and "
-                             f"{name}_similar are published beside it)")
+    names = live_tables(schema, name, model_dir is not None, similar_table, tag)
     db = parse_url(db_url)
     manifest = storage.read_manifest(recs_dir, "recommend")
     provenance = {"run_id": run_id or Path(recs_dir.rstrip("/")).name, "model": manifest["model"],
@@ -243,7 +251,8 @@ def publish(spark: SparkSession, recs_dir: str, db_url: str, table: str, model_d
     try:
         check_driver(spark)
         schema = schema or conn.execute("select current_schema()").fetchone()[0]
-        if not conn.execute("select pg_try_advisory_lock(hashtext(%s))", (f"dmf publish {schema}.{name}",)).fetchone()[0]:
+        locked = conn.execute("select pg_try_advisory_lock(hashtext(%s))", (f"dmf publish {schema}.{name}",))
+        if not locked.fetchone()[0]:
             raise StageError(f"another publish of {schema}.{name} to {db} is in progress; try again when it ends")
         conn.execute(sql.SQL("set lock_timeout = {}").format(sql.Literal(LOCK_TIMEOUT)))
         for live in names.values():
@@ -372,9 +381,11 @@ def _swap(conn, schema: str, tables: list[tuple[str, str, str]], comment: dict, 
             if _exists(conn, schema, live):
                 _copy_grants(conn, schema, live, staging)
                 old = f"{live}_old_{tag}"
-                conn.execute(sql.SQL("ALTER TABLE {} RENAME TO {}").format(_qualified(schema, live), sql.Identifier(old)))
+                conn.execute(sql.SQL("ALTER TABLE {} RENAME TO {}").format(_qualified(schema, live),
+                                                                          sql.Identifier(old)))
                 conn.execute(sql.SQL("DROP TABLE {}").format(_qualified(schema, old)))
-            conn.execute(sql.SQL("ALTER TABLE {} RENAME TO {}").format(_qualified(schema, staging), sql.Identifier(live)))
+            conn.execute(sql.SQL("ALTER TABLE {} RENAME TO {}").format(_qualified(schema, staging),
+                                                                      sql.Identifier(live)))
             conn.execute(sql.SQL("COMMENT ON TABLE {} IS {}").format(
                 _qualified(schema, live), sql.Literal(json.dumps(comment))))
 
@@ -389,7 +400,8 @@ def _copy_grants(conn, schema: str, live: str, staging: str) -> None:
         if privilege not in PRIVILEGES:
             raise StageError(f"{schema}.{live} carries a privilege {privilege!r} that publish cannot carry over")
         conn.execute(sql.SQL("GRANT {} ON {} TO {}").format(
-            sql.SQL(privilege), _qualified(schema, staging), sql.SQL("PUBLIC") if role == "PUBLIC" else sql.Identifier(role)))
+            sql.SQL(privilege), _qualified(schema, staging),
+            sql.SQL("PUBLIC") if role == "PUBLIC" else sql.Identifier(role)))
 
 
 def _exists(conn, schema: str, name: str) -> bool:

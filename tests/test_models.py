@@ -223,7 +223,8 @@ def test_the_l2_reuses_the_rows_of_the_forward_pass(model, head):
     loss = m.loss(users, items, ratings, l2=0.3, bias_l2=0.1)
     torch.manual_seed(1)
     plain = m.loss(users, items, ratings)
-    fresh = 0.3 * sum(t(users).pow(2).sum(-1) for t in user_tables) + 0.3 * sum(t(items).pow(2).sum(-1) for t in item_tables)
+    fresh = (0.3 * sum(t(users).pow(2).sum(-1) for t in user_tables)
+             + 0.3 * sum(t(items).pow(2).sum(-1) for t in item_tables))
     fresh = fresh + 0.1 * sum(t(x).squeeze(-1).pow(2) for t, x in zip(biases, (users, items)))
     assert torch.allclose(loss, plain + fresh.mean())
     loss.backward()
@@ -239,7 +240,8 @@ def test_mf_on_sparse_cpu_tables_gives_the_loss_and_gradients_of_the_torch_ops(l
     reference.load_state_dict(compiled.state_dict())
     for m in (compiled, reference):
         m.user_embedding.sparse = m.item_embedding.sparse = True
-    users, items, ratings = torch.randint(0, N_USERS, (300,)), torch.randint(0, N_ITEMS, (300,)), torch.randint(1, 6, (300,)).float()
+    users, items = torch.randint(0, N_USERS, (300,)), torch.randint(0, N_ITEMS, (300,))
+    ratings = torch.randint(1, 6, (300,)).float()
     got = compiled.loss(users, items, ratings, l2=l2, bias_l2=bias_l2)
     want = models.RatingModel.loss(reference, users, items, ratings, l2=l2, bias_l2=bias_l2)
     assert "MFPairsBackward" in backward_ops(got) and "MFPairsBackward" not in backward_ops(want)

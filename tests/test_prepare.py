@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 import zipfile
@@ -101,13 +102,15 @@ def test_lines_are_counted_across_file_splits(spark, tmp_path):
     finally:
         spark.conf.set(key, before)
     rejected = read(tmp_path / "out", "rejected")
-    got = {(Path(r.source).name, r.line): r.reason for r in rejected.itertuples() if r.reason != "cold_start_validation"}
+    got = {(Path(r.source).name, r.line): r.reason for r in rejected.itertuples()
+           if r.reason != "cold_start_validation"}
     assert got == {("part-00000.csv", 100): "non_integer_id", ("part-00000.csv", 401): "unparseable_line",
                    ("part-00001.csv", 250): "rating_out_of_scale", ("part-00001.csv", 3): "duplicate_pair"}
     assert rejected.raw[rejected.line == 401].tolist() == ["1,2"]
     assert m["counts"]["input_rows"] == 1200
     kept = pd.concat([read(tmp_path / "out", "train"), read(tmp_path / "out", "valid")])
-    pair = kept.merge(read(tmp_path / "out", "users"), on="user_idx").merge(read(tmp_path / "out", "items"), on="item_idx")
+    pair = kept.merge(read(tmp_path / "out", "users"), on="user_idx")
+    pair = pair.merge(read(tmp_path / "out", "items"), on="item_idx")
     assert pair[(pair.user_id == 1) & (pair.item_id == 22)].rating.tolist() == [4.0]
 
 
@@ -149,7 +152,8 @@ def test_formats_are_detected_from_files_and_decoded(spark, tmp_path):
     csv_dir = tmp_path / "ml-25m"
     csv_dir.mkdir()
     (csv_dir / "ratings.csv").write_text("userId,movieId,rating,timestamp\n1,1,4.5,1\n2,3,0.5,2\n")
-    (csv_dir / "movies.csv").write_text('movieId,title,genres\n1,"American President, The (1995)",Comedy|Drama|Romance\n'
+    (csv_dir / "movies.csv").write_text('movieId,title,genres\n'
+                                        '1,"American President, The (1995)",Comedy|Drama|Romance\n'
                                         "3,Toy Story (1995),(no genres listed)\n")
     source = ingest.detect(str(csv_dir))
     movies = ingest.read_movies(source)
@@ -229,12 +233,14 @@ def test_ml100k_raw_and_parquet_give_the_same_split(spark, tmp_path, ml100k):
                                   read(tmp_path / "pq", "train").sort_values(key).reset_index(drop=True))
 
 
+@pytest.mark.slow
 def test_spark_submit_entry_point(tmp_path):
     src = write_ml1m(tmp_path / "ml-1m", GOOD)
     out = tmp_path / "out"
     spark_submit = Path(sys.executable).parent / "spark-submit"
     done = subprocess.run([str(spark_submit), "--master", "local[1]", str(ROOT / "jobs" / "prepare.py"),
                            "--input", str(src), "--out", str(out), "--set", "prepare.max_ranks=1"],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PATH": f"{spark_submit.parent}:{os.environ['PATH']}"})  # its python
     assert done.returncode == 0, done.stderr[-3000:]
     assert "train" in done.stdout and storage.read_manifest(str(out), "prepare")["counts"]["input_rows"] == len(GOOD)
