@@ -1,4 +1,5 @@
-"""A small grid search of training hyper-parameters, scored by validation RMSE on one prepared split.
+"""A small grid search of training hyper-parameters, scored by validation RMSE (or, with --sort ndcg, by the
+ranking score's validation NDCG@k) on one prepared split.
 
     python benchmarks/search.py --config conf/ml-100k.yaml --data work/prepared/ml-100k \
         --grid benchmarks/grids/ml-100k.yaml --out docs/benchmarks/search-ml-100k.md
@@ -50,20 +51,34 @@ def run_one(conf: str, base: list[str], setting: dict, data_dir: str, data: dict
         started = time.time()
         result = rank_main(job)
     best = min(result["history"], key=lambda h: h["valid_rmse"])
+    ranked = max(result["history"], key=lambda h: h.get("valid_ndcg", -1.0))
     return {"setting": setting, "rmse": best["valid_rmse"], "mae": best["valid_mae"], "epoch": best["epoch"],
-            "epochs": len(result["history"]), "seconds": time.time() - started}
+            "ndcg": ranked.get("valid_ndcg"), "ndcg_epoch": ranked["epoch"], "epochs": len(result["history"]),
+            "seconds": time.time() - started}
 
 
-def table(rows: list[dict]) -> str:
+def table(rows: list[dict], sort: str = "rmse") -> str:
+    if sort == "ndcg":
+        lines = ["| model | settings | valid NDCG@10 | best epoch / run | valid RMSE | seconds |",
+                 "| --- | --- | --- | --- | --- | --- |"]
+        for r in sorted(rows, key=lambda r: -(r["ndcg"] or 0)):
+            model, shown = _shown(r["setting"])
+            lines.append(f"| {model} | {shown} | {r['ndcg']:.4f} | {r['ndcg_epoch']} / {r['epochs']} | "
+                         f"{r['rmse']:.4f} | {r['seconds']:.0f} |")
+        return "\n".join(lines)
     lines = ["| model | settings | valid RMSE | MAE | best epoch / run | seconds |",
              "| --- | --- | --- | --- | --- | --- |"]
     for r in sorted(rows, key=lambda r: r["rmse"]):
-        s = dict(r["setting"])
-        model = s.pop("model", "")
-        shown = ", ".join(f"{k}={v}" for k, v in s.items())
+        model, shown = _shown(r["setting"])
         lines.append(f"| {model} | {shown} | {r['rmse']:.4f} | {r['mae']:.4f} | {r['epoch']} / {r['epochs']} "
                      f"| {r['seconds']:.0f} |")
     return "\n".join(lines)
+
+
+def _shown(setting: dict) -> tuple[str, str]:
+    s = dict(setting)
+    model = s.pop("model", "")
+    return model, ", ".join(f"{k}={v}" for k, v in s.items())
 
 
 def main() -> None:
@@ -73,6 +88,7 @@ def main() -> None:
     parser.add_argument("--grid", required=True, help="YAML list of {fixed, vary} groups")
     parser.add_argument("--set", action="append", default=[], help="overrides applied to every setting")
     parser.add_argument("--out", help="markdown file for the table")
+    parser.add_argument("--sort", choices=("rmse", "ndcg"), default="rmse", help="what the table is ordered by")
     args = parser.parse_args()
     import horovod.torch as hvd
 
@@ -84,14 +100,15 @@ def main() -> None:
     for n, setting in enumerate(todo, 1):
         rows.append(run_one(args.config, args.set, setting, args.data, data))
         r = rows[-1]
-        print(f"[{n}/{len(todo)}] {setting}: RMSE {r['rmse']:.4f} at epoch {r['epoch']} ({r['seconds']:.0f} s)",
+        ndcg = "" if r["ndcg"] is None else f", NDCG@10 {r['ndcg']:.4f} at epoch {r['ndcg_epoch']}"
+        print(f"[{n}/{len(todo)}] {setting}: RMSE {r['rmse']:.4f} at epoch {r['epoch']}{ndcg} ({r['seconds']:.0f} s)",
               flush=True)
-    text = table(rows)
+    text = table(rows, args.sort)
     print(text)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         command = f"python benchmarks/search.py --config {args.config} --data {args.data} --grid {args.grid}" + \
-            "".join(f" --set {s}" for s in args.set)
+            "".join(f" --set {s}" for s in args.set) + (" --sort ndcg" if args.sort == "ndcg" else "")
         Path(args.out).write_text(f"# Hyper-parameter search on {data['dataset']}\n\n"
                                   f"Measured with `{command}`; validation split of {args.data} "
                                   f"({data['counts']['train']:,} train, {data['counts']['valid']:,} validation "

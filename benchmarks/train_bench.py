@@ -99,6 +99,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--models", default="mf,dmf")
     parser.add_argument("--optimizers", default="adam,adagrad", help="the variants of these optimizers only")
+    parser.add_argument("--ranking-dims", default="0,64",
+                        help="train.ranking_dim of each throughput run: 0 is the rating objective alone, more adds "
+                             "the ranking objective's tables (pipeline.ranking)")
     parser.add_argument("--accuracy-data", help="a prepared real split: train each variant to early stopping")
     parser.add_argument("--config", help="config for the accuracy runs (e.g. conf/ml-100k.yaml)")
     parser.add_argument("--set", action="append", default=[],
@@ -141,22 +144,24 @@ def main() -> None:
                   f"allgathering that many item rows of {args.dim} floats and their indices between 2 ranks, with "
                   f"nothing else running, took {exchange:.1f} ms a step: {2 * args.batch / exchange * 1000:,.0f} "
                   f"samples/s if the exchange were all that a step did.\n",
-                  "| model | optimizer | gradients | ranks | samples/s | x plain loop |",
-                  "| --- | --- | --- | --- | --- | --- |"]
+                  "| model | optimizer | gradients | ranking dim | ranks | samples/s | x plain loop |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
         print(*lines[-4:-2], sep="\n", flush=True)
-        for model in args.models.split(","):
-            for optimizer, gradients in variants:
-                for ranks in (2, 1) if (optimizer, gradients) in ONE_RANK_TOO else (2,):
-                    settings = [f"train.model={model}", f"train.num_proc={ranks}", f"train.epochs={args.epochs}",
-                                f"train.user_dim={args.dim}", f"train.item_dim={args.dim}",
-                                f"train.batch_size={args.batch * 2 // ranks}", "train.patience=100",
-                                *overrides(optimizer, gradients)]
-                    m = run(spark, None, data, f"{args.work}/tp-{model}-{optimizer}-{gradients}-{ranks}", settings)
-                    rate = max(h["samples_per_s"] for h in m["history"][1:] or m["history"])
-                    row = (f"| {model} | {optimizer} | {gradients} | {ranks} | {rate:,.0f} | "
-                           f"{rate / reference:.2f} |")
-                    print(row, flush=True)
-                    lines.append(row)
+        runs = [(model, optimizer, gradients, dim, ranks) for model in args.models.split(",")
+                for optimizer, gradients in variants for dim in map(int, args.ranking_dims.split(","))
+                for ranks in ((2, 1) if (optimizer, gradients) in ONE_RANK_TOO else (2,))]
+        for model, optimizer, gradients, ranking_dim, ranks in runs:
+            settings = [f"train.model={model}", f"train.num_proc={ranks}", f"train.epochs={args.epochs}",
+                        f"train.user_dim={args.dim}", f"train.item_dim={args.dim}", f"train.ranking_dim={ranking_dim}",
+                        f"train.batch_size={args.batch * 2 // ranks}", "train.patience=100",
+                        *overrides(optimizer, gradients)]
+            m = run(spark, None, data, f"{args.work}/tp-{model}-{optimizer}-{gradients}-{ranking_dim}-{ranks}",
+                    settings)
+            rate = max(h["samples_per_s"] for h in m["history"][1:] or m["history"])
+            row = (f"| {model} | {optimizer} | {gradients} | {ranking_dim} | {ranks} | {rate:,.0f} | "
+                   f"{rate / reference:.2f} |")
+            print(row, flush=True)
+            lines.append(row)
     out = Path(args.out or ROOT / "docs" / "benchmarks" /
                ("train-accuracy.md" if args.accuracy_data else "train-throughput.md"))
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -109,13 +109,16 @@ class TrainConfig:
     init_from: str | None = None  # a model trained on the same prepared data: parameters of the same name start from it
     # The ranking score that orders the top-N (pipeline.ranking): its tables' dimension (0: none, and the lists
     # are ordered by predicted rating), the weight of every pair the user did not pick, the L2 on its tables, and
-    # which training ratings count as picks (above the training mean, or all of them).
+    # which training ratings count as picks (all, or those above the training mean). The defaults are the best of
+    # docs/benchmarks/search-ml-100k-ranking.md: Hu et al.'s confidence-weighted picks with Spark ALS's L2.
     ranking_dim: NonNegative = 64
-    ranking_unobserved: float = Field(0.1, gt=0)
-    ranking_l2: float = Field(3.0, ge=0)
-    ranking_l2_exponent: float = Field(0.0, ge=0, le=1)  # 1: a row's L2 grows with its ratings (pipeline.ranking)
-    ranking_positives: Literal["above_mean", "all"] = "above_mean"
-    ranking_lr: float | None = Field(None, gt=0)  # the ranking tables' learning rate (None: train.lr), scaled alike
+    ranking_loss: Literal["all_pairs", "softmax"] = "all_pairs"  # see pipeline.ranking
+    ranking_unobserved: float = Field(1.0, gt=0)
+    ranking_l2: float = Field(0.1, ge=0)
+    ranking_l2_exponent: float = Field(1.0, ge=0, le=1)  # 1: a row's L2 grows with its ratings (pipeline.ranking)
+    ranking_popularity_exponent: float = Field(0.0, ge=-1, le=1)  # > 0: unpicked popular items weigh more, < 0 less
+    ranking_positives: Literal["above_mean", "all"] = "all"
+    ranking_confidence: float = Field(0.5, ge=0)  # a pick's weight: 1 + this x rating / top of the scale
 
 
 @dataclass(config=SETTINGS)

@@ -4,10 +4,11 @@ A model built with `ranking_dim` > 0 has a second pair of tables, x_u and y_i, w
 ranking score (recommend orders the top-N by it). They are trained with the implicit-ALS loss over every
 user x item pair (Hu, Koren and Volinsky 2008; Rendle et al. 2022, "Revisiting the performance of iALS"):
 
-    sum over positive pairs (s_ui - 1)^2  +  a0 x sum over every other pair s_ui^2  +  l2 (|X|^2 + |Y|^2)
+    sum over positive pairs (s_ui - 1)^2  +  sum over every other pair c_i s_ui^2  +  l2 (|X|^2 + |Y|^2)
 
-No negative is sampled: the sum over every pair is sum_u x_u^T (Y^T Y) x_u = sum_i y_i^T (X^T X) y_i, which the
-Gram matrices of the two tables give in O(d^2) a row. A batch row (u, i) charges x_u and y_i their all-pairs and
+with c_i = a0, or a0 on average and growing with the item's popularity. No negative is sampled: the sum over
+every pair is sum_u x_u^T (Y^T C Y) x_u = sum_i c_i y_i^T (X^T X) y_i, which the Gram matrices of the two tables
+give in O(d^2) a row. A batch row (u, i) charges x_u and y_i their all-pairs and
 L2 terms divided by how many training ratings they have (n_u, n_i), so that an epoch's gradient is the whole
 objective's. The Grams are held fixed between refreshes (every step or two on small catalogs, every few dozen
 on large ones); at a refresh each rank computes those of the rows it owns, and the ranks sum them, so every
@@ -26,21 +27,54 @@ from pipeline import metrics, scoring
 VALID_USERS = 10_000  # per rank: validation NDCG is computed on a seeded sample of at most this many users
 
 
-class Objective:
+class RowPenalty:
+    """The L2 on the ranking tables' rows, charged per appearance in a batch."""
+
+    def __init__(self, model, train: tuple[torch.Tensor, ...], hvd, l2: float, l2_exponent: float):
+        self.users, self.items, self.hvd = model.ranking_user, model.ranking_item, hvd
+        self.user_counts = count_rows(hvd, train[0], self.users.num_embeddings, "ranking.user_counts")
+        self.item_counts = count_rows(hvd, train[1], self.items.num_embeddings, "ranking.item_counts")
+        # A row's L2 over an epoch is l2 n^l2_exponent for its n training ratings (1: the frequency-scaled
+        # regularization of Spark's ALS, Zhou et al. 2008; 0: the same for every row), charged 1/n per appearance.
+        self.user_l2, self.item_l2 = (l2 * counts ** l2_exponent / counts for counts in (self.user_counts,
+                                                                                        self.item_counts))
+
+    def penalty(self, users, items, x, y) -> torch.Tensor:
+        return x.pow(2).sum(1) * self.user_l2[users] + y.pow(2).sum(1) * self.item_l2[items]
+
+
+class Softmax(RowPenalty):
+    """The other candidate: -log of the picked item's probability under a softmax of x_u . y_j over the whole
+    catalog, for each positive pair of a batch. Every step touches every item row (B x items x d), so it fits
+    catalogs of thousands of items, not ML-20M's 27,000 on a CPU."""
+
+    def __init__(self, model, train, hvd, *, l2: float, l2_exponent: float = 0.0, positive_above: float | None):
+        super().__init__(model, train, hvd, l2, l2_exponent)
+        self.positive_above = positive_above
+
+    def loss(self, users: torch.Tensor, items: torch.Tensor, ratings: torch.Tensor, step: int) -> torch.Tensor:
+        x, y = self.users(users), self.items.weight[items]
+        logits = x @ self.items.weight.T
+        positive = torch.ones_like(ratings) if self.positive_above is None else (ratings > self.positive_above)
+        picked = torch.nn.functional.cross_entropy(logits, items, reduction="none") * positive.to(logits.dtype)
+        return (picked + self.penalty(users, items, x, y)).mean()
+
+
+class Objective(RowPenalty):
     """The ranking loss of one rank's batches (see the module docstring)."""
 
     def __init__(self, model, train: tuple[torch.Tensor, ...], hvd, *, unobserved: float, l2: float,
-                 l2_exponent: float = 0.0, positive_above: float | None, batch: int,
+                 l2_exponent: float = 0.0, popularity_exponent: float = 0.0, confidence: float = 0.0,
+                 top_rating: float = 1.0, positive_above: float | None, batch: int,
                  owned: tuple[torch.Tensor, torch.Tensor]):
-        self.users, self.items = model.ranking_user, model.ranking_item
-        self.hvd, self.unobserved, self.positive_above = hvd, unobserved, positive_above
-        n_users, n_items = self.users.num_embeddings, self.items.num_embeddings
-        self.user_counts = count_rows(hvd, train[0], n_users, "ranking.user_counts")
-        self.item_counts = count_rows(hvd, train[1], n_items, "ranking.item_counts")
-        # A row's L2 over an epoch is l2 (n + a0 x the other side's rows)^l2_exponent (iALS++'s frequency-scaled
-        # regularization, Rendle et al. 2022; exponent 0: the same for every row), charged 1/n per appearance.
-        self.user_l2, self.item_l2 = (l2 * (counts + unobserved * others) ** l2_exponent / counts
-                                      for counts, others in ((self.user_counts, n_items), (self.item_counts, n_users)))
+        RowPenalty.__init__(self, model, train, hvd, l2, l2_exponent)
+        self.unobserved, self.positive_above = unobserved, positive_above
+        self.confidence = confidence / top_rating  # per rating point, so that a top rating weighs 1 + confidence
+        n_items = self.items.num_embeddings
+        # An unpicked pair's weight: a0 for every item, or with popularity_exponent b > 0 in proportion to the item's
+        # ratings^b, a0 on average (eALS, He et al. 2016): a popular item the user passed over says more.
+        popularity = self.item_counts ** popularity_exponent
+        self.item_weight = unobserved * popularity * n_items / popularity.sum()
         self.owned = owned
         size = hvd.size()
         # A refresh costs 2 (users + items) d^2 / size, a step's all-pairs term 4 batch d^2: refreshed this often,
@@ -51,10 +85,10 @@ class Objective:
 
     def refresh(self) -> None:
         with torch.no_grad():
-            self.user_gram, self.item_gram = (
-                self.hvd.allreduce(table.weight[rows].T @ table.weight[rows], op=self.hvd.Sum, name=f"ranking.{name}")
-                for table, rows, name in ((self.users, self.owned[0], "user_gram"),
-                                          (self.items, self.owned[1], "item_gram")))
+            users, items = self.users.weight[self.owned[0]], self.items.weight[self.owned[1]]
+            self.user_gram = self.hvd.allreduce(users.T @ users, op=self.hvd.Sum, name="ranking.user_gram")
+            weighted = items * self.item_weight[self.owned[1], None]
+            self.item_gram = self.hvd.allreduce(weighted.T @ items, op=self.hvd.Sum, name="ranking.item_gram")
 
     def loss(self, users: torch.Tensor, items: torch.Tensor, ratings: torch.Tensor, step: int) -> torch.Tensor:
         if step % self.refresh_every == 0:
@@ -62,12 +96,14 @@ class Objective:
         x, y = self.users(users), self.items(items)
         s = (x * y).sum(1)
         positive = torch.ones_like(s) if self.positive_above is None else (ratings > self.positive_above).to(s.dtype)
-        # A positive pair's weight is 1 (target 1); the all-pairs term counts it at a0, so that is taken off here.
-        fit = positive * ((s - 1) ** 2 - self.unobserved * s ** 2)
+        weight = self.item_weight[items]
+        # A positive pair's weight grows with its rating, to 1 + confidence at the top of the scale (Hu et al.'s
+        # confidence, as Spark's implicitPrefs takes alpha x rating), target 1;
+        # the all-pairs term counts it at its item's weight, taken off here.
+        fit = positive * ((1 + self.confidence * ratings) * (s - 1) ** 2 - weight * s ** 2)
         per_user, per_item = 1 / self.user_counts[users], 1 / self.item_counts[items]
-        every_pair = (x @ self.item_gram * x).sum(1) * per_user + (y @ self.user_gram * y).sum(1) * per_item
-        penalty = x.pow(2).sum(1) * self.user_l2[users] + y.pow(2).sum(1) * self.item_l2[items]
-        return (fit + self.unobserved * every_pair + penalty).mean()
+        every_pair = (x @ self.item_gram * x).sum(1) * per_user + (y @ self.user_gram * y).sum(1) * per_item * weight
+        return (fit + every_pair + self.penalty(users, items, x, y)).mean()
 
 
 def count_rows(hvd, column: torch.Tensor, n: int, name: str) -> torch.Tensor:

@@ -61,19 +61,11 @@ def embedding_tables(model) -> list[torch.nn.Module]:
     return [m for m in model.modules() if isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag))]
 
 
-def make_optimizer(name: str, model, lr: float, weight_decay: float, ranking_lr: float | None = None):
-    # Weight decay on the dense layers only; embedding rows get the batch-wise L2 of the loss instead. Each group
-    # keeps its base_lr, which train.lr_decay decays from.
-    ranking = {id(m.weight) for m in (model.ranking_user, model.ranking_item) if m is not None}
-    tables = {id(p) for m in embedding_tables(model) for p in m.parameters()} - ranking
-    groups = [{"params": [p for p in model.parameters() if id(p) in tables], "weight_decay": 0.0, "base_lr": lr},
-              {"params": [p for p in model.parameters() if id(p) not in tables | ranking],
-               "weight_decay": weight_decay, "base_lr": lr}]
-    if ranking:
-        groups.append({"params": [p for p in model.parameters() if id(p) in ranking], "weight_decay": 0.0,
-                       "base_lr": lr if ranking_lr is None else ranking_lr})
-    for group in groups:
-        group["lr"] = group["base_lr"]
+def make_optimizer(name: str, model, lr: float, weight_decay: float):
+    # Weight decay on the dense layers only; embedding rows get the batch-wise L2 of the loss instead.
+    tables = {id(p) for m in embedding_tables(model) for p in m.parameters()}
+    groups = [{"params": [p for p in model.parameters() if id(p) in tables], "weight_decay": 0.0},
+              {"params": [p for p in model.parameters() if id(p) not in tables], "weight_decay": weight_decay}]
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=0.9)
     if name == "adagrad":
@@ -219,20 +211,23 @@ class RankRun:
         self.model, self.in_history = self.build_model()
         self.local_rows, self.local_counts, owned = self.wire_sparse_gradients()
         self.lr = t.lr * (self.size if t.scale_lr else 1)
-        scale = self.size if t.scale_lr else 1
-        optimizer = make_optimizer(t.optimizer, self.model, self.lr, t.weight_decay,
-                                   None if t.ranking_lr is None else t.ranking_lr * scale)
+        optimizer = make_optimizer(t.optimizer, self.model, self.lr, t.weight_decay)
         self.optimizer = hvd.DistributedOptimizer(
             optimizer, named_parameters=self.model.named_parameters(),
             compression=hvd.Compression.fp16 if t.fp16_allreduce else hvd.Compression.none)
         self.ranking = self.ranking_validation = None
         if self.model.ranking_user is not None:
             spec = job["spec"]
-            self.ranking = ranking.Objective(
-                self.model, self.train, hvd, unobserved=t.ranking_unobserved, l2=t.ranking_l2,
-                l2_exponent=t.ranking_l2_exponent,
-                positive_above=spec["global_mean"] if t.ranking_positives == "above_mean" else None,
-                batch=t.batch_size, owned=owned)
+            positive_above = spec["global_mean"] if t.ranking_positives == "above_mean" else None
+            if t.ranking_loss == "softmax":
+                self.ranking = ranking.Softmax(self.model, self.train, hvd, l2=t.ranking_l2,
+                                               l2_exponent=t.ranking_l2_exponent, positive_above=positive_above)
+            else:
+                self.ranking = ranking.Objective(
+                    self.model, self.train, hvd, unobserved=t.ranking_unobserved, l2=t.ranking_l2,
+                    l2_exponent=t.ranking_l2_exponent, popularity_exponent=t.ranking_popularity_exponent,
+                    confidence=t.ranking_confidence, top_rating=max(spec["rating_levels"]),
+                    positive_above=positive_above, batch=t.batch_size, owned=owned)
             self.ranking_validation = ranking.Validation(hvd, self.train, self.valid, spec["n_users"],
                                                          job["relevant_rating"], job["k"], t.seed)
         n_total = int(hvd.allreduce(torch.tensor(float(self.n_local)), op=hvd.Sum).item())
@@ -270,7 +265,9 @@ class RankRun:
             # Sparse gradients hold only the rows a batch touched, each once (on the CPU a hook sums a row's
             # duplicates); Horovod allgathers them instead of allreducing whole tables, and the optimizer updates
             # only those rows. Bias tables (one column) stay dense: as sparse they were no faster.
-            table.sparse = self.t.sparse_gradients and table.embedding_dim > 1
+            # The softmax reads every ranking item row each step: a dense gradient.
+            table.sparse = self.t.sparse_gradients and table.embedding_dim > 1 and not (
+                table is model.ranking_item and self.t.ranking_loss == "softmax")
             if table.sparse and self.device.type == "cpu":
                 if id(table) in read_by_shard:
                     # prepare splits the shards by user, so no rank exchanges its users' rows
@@ -324,7 +321,7 @@ class RankRun:
         t, model, optimizer = self.t, self.model, self.optimizer
         model.train()
         for group in optimizer.param_groups:  # from the epoch alone, so that a resumed run decays the same
-            group["lr"] = group["base_lr"] * t.lr_decay ** epoch
+            group["lr"] = self.lr * t.lr_decay ** epoch
         torch.manual_seed(t.seed * 7919 + epoch * 31 + self.rank)  # dropout: seeded like the batches
         order = self.upcoming.result().to(self.device)
         self.upcoming = self.draw(epoch + 1)

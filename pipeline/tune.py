@@ -71,7 +71,10 @@ def tune(spark: SparkSession, cfg: Config, config_path: str | None, overrides: l
 
     def objective(trial):
         values = suggest(trial, target, cfg.train)
-        trial_cfg = config.load(config_path, [*overrides, *(f"{k}={v}" for k, v in values.items())])
+        # An RMSE search trains no ranking tables (they cost time and leave the rating head as it is); the config
+        # written at the end keeps the ranking settings it was given.
+        speed = ["train.ranking_dim=0"] if target == "rmse" else []
+        trial_cfg = config.load(config_path, [*overrides, *(f"{k}={v}" for k, v in values.items()), *speed])
         started = time.time()
         manifest = train.train(spark, trial_cfg, data_dir, f"{work}/trial-{trial.number}", force=True)
         m = manifest["metrics"]

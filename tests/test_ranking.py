@@ -38,15 +38,20 @@ def ratings(seed=0, n_users=7, n_items=9):
     return u, i, torch.as_tensor(rng.integers(1, 6, len(pairs)), dtype=torch.float32)
 
 
-@pytest.mark.parametrize("positive_above,l2_exponent", [(None, 0.0), (3.0, 0.0), (3.0, 1.0)])
-def test_a_full_batch_has_the_gradient_of_the_objective_over_every_pair(positive_above, l2_exponent):
+@pytest.mark.parametrize("positive_above,l2_exponent,popularity_exponent,confidence",
+                         [(None, 0.0, 0.0, 0.0), (3.0, 0.0, 0.0, 0.0), (3.0, 1.0, 0.0, 0.0), (3.0, 0.0, 0.5, 0.0),
+                          (None, 1.0, 0.0, 0.5)])
+def test_a_full_batch_has_the_gradient_of_the_objective_over_every_pair(positive_above, l2_exponent,
+                                                                         popularity_exponent, confidence):
     torch.manual_seed(0)
     u, i, r = ratings()
     model = models.build(spec(7, 9))
     a0, l2 = 0.3, 0.7
     owned = (torch.arange(7), torch.arange(9))
     objective = ranking.Objective(model, (u, i, r), OneRank(), unobserved=a0, l2=l2, l2_exponent=l2_exponent,
-                                  positive_above=positive_above, batch=len(u), owned=owned)
+                                  popularity_exponent=popularity_exponent, confidence=confidence, top_rating=5.0,
+                                  positive_above=positive_above,
+                                  batch=len(u), owned=owned)
     assert objective.refresh_every == 1
     objective.loss(u, i, r, step=0).backward()
     got = model.ranking_user.weight.grad.clone(), model.ranking_item.weight.grad.clone()
@@ -55,9 +60,13 @@ def test_a_full_batch_has_the_gradient_of_the_objective_over_every_pair(positive
     s = x @ y.T
     positive = torch.zeros_like(s, dtype=torch.bool)
     positive[u, i] = True if positive_above is None else r > positive_above
+    pick_weight = torch.ones_like(s)
+    pick_weight[u, i] = 1 + confidence * r / 5
     n_u, n_i = torch.bincount(u, minlength=7).float(), torch.bincount(i, minlength=9).float()
-    row_l2 = [l2 * (n_u + a0 * 9) ** l2_exponent, l2 * (n_i + a0 * 7) ** l2_exponent]
-    whole = ((s - 1) ** 2 * positive).sum() + a0 * (s ** 2 * ~positive).sum() + \
+    row_l2 = [l2 * n_u ** l2_exponent, l2 * n_i ** l2_exponent]
+    popularity = n_i ** popularity_exponent
+    c = a0 * popularity * 9 / popularity.sum()  # a0 on average over the items
+    whole = (pick_weight * (s - 1) ** 2 * positive).sum() + (c * s ** 2 * ~positive).sum() + \
         (row_l2[0] * x.pow(2).sum(1)).sum() + (row_l2[1] * y.pow(2).sum(1)).sum()
     (whole / len(u)).backward()
     torch.testing.assert_close(got[0], x.grad)
