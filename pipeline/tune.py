@@ -57,12 +57,7 @@ def tune(spark: SparkSession, cfg: Config, config_path: str | None, overrides: l
         raise ConfigError("--target ndcg tunes the ranking score, and train.ranking_dim is 0: set it above 0")
     if trials < 1:
         raise ConfigError(f"--trials must be at least 1, got {trials}")
-    fs, plain_out = storage.filesystem(out)
-    if fs.isdir(plain_out):
-        raise StageError(f"{out} is a directory: --out names the config file to write")
-    if fs.exists(plain_out) and not force and not fs.cat_file(plain_out).startswith(HEADER.encode()):
-        raise StageError(f"{out} exists and is not a file dmf tune wrote: refusing to replace it; choose another "
-                         f"--out, or give --force")
+    check_output(out, force)
     metric, direction = TARGETS[target]
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction=direction, sampler=optuna.samplers.TPESampler(seed=cfg.train.seed))
@@ -101,11 +96,27 @@ def tune(spark: SparkSession, cfg: Config, config_path: str | None, overrides: l
               f"validation {target} {study.best_value:.4f})\n# on {data_dir}, from "
               f"{config_path or 'the built-in defaults'}{' with ' + ' '.join(overrides) if overrides else ''}.\n"
               f"# Train with: dmf train --config {out}\n")
-    fs.makedirs(posixpath.dirname(plain_out), exist_ok=True)
-    with fs.open(plain_out + ".partial", "w") as f:
-        f.write(header + yaml.safe_dump(dataclasses.asdict(best_cfg), sort_keys=False))
-    fs.mv(plain_out + ".partial", plain_out)
+    write_config(out, header, best_cfg)
     return {"target": target, "best": best, "value": study.best_value, "trials": rows, "out": out}
+
+
+def check_output(out: str, force: bool) -> None:
+    """A config file may be replaced when dmf tune wrote it or with --force; a directory never."""
+    fs, plain = storage.filesystem(out)
+    if fs.isdir(plain):
+        raise StageError(f"{out} is a directory: --out names the config file to write")
+    if fs.exists(plain) and not force and not fs.cat_file(plain).startswith(HEADER.encode()):
+        raise StageError(f"{out} exists and is not a file dmf tune wrote: refusing to replace it; choose another "
+                         f"--out, or give --force")
+
+
+def write_config(out: str, header: str, cfg: Config) -> None:
+    """The whole resolved config as YAML, under a header, written to a temporary name and moved into place."""
+    fs, plain = storage.filesystem(out)
+    fs.makedirs(posixpath.dirname(plain), exist_ok=True)
+    with fs.open(plain + ".partial", "w") as f:
+        f.write(header + yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+    fs.mv(plain + ".partial", plain)
 
 
 def _settings(values: dict) -> str:
