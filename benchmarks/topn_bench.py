@@ -72,7 +72,8 @@ def rows_for(spark, name: str, conf: str, overrides: list[str], source, work: st
     k = cfg.evaluate.k
     ease = report["peers"]["ease"]
     rows = [{"method": f"`dmf recommend` ({cfg.train.model}, shipped config)", **report["ranking"],
-             "settings": Path(conf).name, "seconds": train_s, "rmse": report["rating"]["rmse"]},
+             "settings": f"{Path(conf).name}, ordered by {report['order']}", "seconds": train_s,
+             "rmse": report["rating"]["rmse"]},
             {"method": "most popular", **report["peers"]["most_popular"], "settings": "-"},
             {"method": "EASE", **ease, "settings": f"lambda {ease['lambda']:g} (of "
                                                    f"{', '.join(ease['ndcg_by_lambda'])})"}]

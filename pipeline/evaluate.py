@@ -54,12 +54,12 @@ def evaluate(spark: SparkSession, cfg: Config, model_dir: str, data_dir: str | N
     ranked = top_n(spark, model_dir, truth.index.to_numpy(), seen, k, cfg.recommend.users_per_block,
                    order=order).toPandas()
     lists = ranked.groupby("user_idx", sort=False).item_idx.apply(list)  # in rank order already
-    order = truth.index.intersection(lists.index)
-    relevant = [truth[u] for u in order]
-    recommended = [lists[u] for u in order]
+    judged_users = truth.index.intersection(lists.index)
+    relevant = [truth[u] for u in judged_users]
+    recommended = [lists[u] for u in judged_users]
     items = read_table(data_dir, data, "items").sort_values("item_idx")
     counts = items.train_count.to_numpy()
-    peer_report, popular = peers.evaluate_peers(seen, counts, order.to_numpy(), relevant, k,
+    peer_report, popular = peers.evaluate_peers(seen, counts, judged_users.to_numpy(), relevant, k,
                                                 cfg.evaluate.ease_max_items)
     report = {
         "model": model_dir, "data": data_dir, "k": k, "relevant_rating": cfg.evaluate.relevant_rating, "order": order,

@@ -4,16 +4,20 @@ A model built with `ranking_dim` > 0 has a second pair of tables, x_u and y_i, w
 ranking score (recommend orders the top-N by it). They are trained with the implicit-ALS loss over every
 user x item pair (Hu, Koren and Volinsky 2008; Rendle et al. 2022, "Revisiting the performance of iALS"):
 
-    sum over positive pairs (s_ui - 1)^2  +  sum over every other pair c_i s_ui^2  +  l2 (|X|^2 + |Y|^2)
+    sum over picks c_ui (s_ui - 1)^2  +  sum over every other pair w_i s_ui^2  +  l2 sum over rows n^e |row|^2
 
-with c_i = a0, or a0 on average and growing with the item's popularity. No negative is sampled: the sum over
-every pair is sum_u x_u^T (Y^T C Y) x_u = sum_i c_i y_i^T (X^T X) y_i, which the Gram matrices of the two tables
+A pick's weight c_ui is 1 + confidence x its rating / the top of the scale (Hu et al.'s confidence; Spark's
+implicitPrefs takes alpha x rating); an unpicked pair's w_i is a0, or a0 on average growing or shrinking with
+the item's popularity (eALS); a row's L2 grows with its n training ratings for e = 1 (Spark ALS's
+regularization) and is the same for every row for e = 0. No negative is sampled: the sum over every pair is
+sum_u x_u^T (Y^T W Y) x_u = sum_i w_i y_i^T (X^T X) y_i, which the Gram matrices of the two tables
 give in O(d^2) a row. A batch row (u, i) charges x_u and y_i their all-pairs and
 L2 terms divided by how many training ratings they have (n_u, n_i), so that an epoch's gradient is the whole
-objective's. The Grams are held fixed between refreshes (every step or two on small catalogs, every few dozen
+objective's (so the loss printed counts the all-pairs term twice; its gradient is the objective's). The Grams
+are held fixed between refreshes (every step or two on small catalogs, every few dozen
 on large ones); at a refresh each rank computes those of the rows it owns, and the ranks sum them, so every
-rank uses the same Grams. A positive is a training rating above the training mean (`positives: above_mean`)
-or any rating (`all`): see docs/benchmarks/ranking-prototype.md for what each gives.
+rank uses the same Grams. A positive (a pick) is any training rating (`positives: all`) or one above the
+training mean (`above_mean`); docs/benchmarks/search-ml-100k-ranking.md has what each setting gives.
 """
 from __future__ import annotations
 
@@ -34,6 +38,10 @@ class RowPenalty:
         self.users, self.items, self.hvd = model.ranking_user, model.ranking_item, hvd
         self.user_counts = count_rows(hvd, train[0], self.users.num_embeddings, "ranking.user_counts")
         self.item_counts = count_rows(hvd, train[1], self.items.num_embeddings, "ranking.item_counts")
+        with torch.no_grad():  # rows no batch reaches would keep their random start: zero is what the loss wants
+            for table, counts in ((self.users, self.user_counts), (self.items, self.item_counts)):
+                table.weight[counts == 0] = 0.0
+        self.user_counts, self.item_counts = self.user_counts.clamp(min=1), self.item_counts.clamp(min=1)
         # A row's L2 over an epoch is l2 n^l2_exponent for its n training ratings (1: the frequency-scaled
         # regularization of Spark's ALS, Zhou et al. 2008; 0: the same for every row), charged 1/n per appearance.
         self.user_l2, self.item_l2 = (l2 * counts ** l2_exponent / counts for counts in (self.user_counts,
@@ -107,9 +115,9 @@ class Objective(RowPenalty):
 
 
 def count_rows(hvd, column: torch.Tensor, n: int, name: str) -> torch.Tensor:
-    """Training ratings of each row over all ranks, at least 1 (a row with none never reaches a batch)."""
+    """Training ratings of each row over all ranks."""
     counts = torch.bincount(column.cpu(), minlength=n).to(torch.float32)
-    return hvd.allreduce(counts, op=hvd.Sum, name=name).clamp(min=1).to(column.device)
+    return hvd.allreduce(counts, op=hvd.Sum, name=name).to(column.device)
 
 
 def owned_rows(n: int, rank: int, size: int, local: np.ndarray | None, everyones: torch.Tensor | None) -> torch.Tensor:

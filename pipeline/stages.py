@@ -60,10 +60,8 @@ def tune(cfg: Config, args) -> str:
 
     data = _where(cfg, getattr(args, "data", None), "prepare", "prepared", cfg.dataset)
     out = args.out or cfg.path("tuned", f"{cfg.run}-{args.target}.yaml")
-    flags = [f"{key}={value}" for key, value in
-             (("train.model", args.cfg__train__model), ("train.num_proc", args.cfg__train__num_proc),
-              ("train.epochs", args.cfg__train__epochs)) if value is not None]
-    result = tune_mod.tune(_spark(cfg), cfg, args.config, [*args.set, *flags], data, out, args.target, args.trials,
+    flags = {k[len("cfg__"):].replace("__", "."): v for k, v in vars(args).items() if k.startswith("cfg__")}
+    result = tune_mod.tune(_spark(cfg), cfg, args.config, args.set, flags, data, out, args.target, args.trials,
                            force=_force(args))
     return tune_mod.summary(result)
 

@@ -206,8 +206,11 @@ class RankRun:
         self.train = to_tensors(read_shard(job["train_url"], self.rank, self.size), self.device)
         self.valid = to_tensors(read_shard(job["valid_url"], self.rank, self.size), self.device)
         self.n_local = len(self.train[0])
-        if self.n_local == 0:
-            raise RuntimeError(f"rank {self.rank} of {self.size} got no training rows from {job['train_url']}")
+        # Every rank learns of an empty shard, so that none waits for it in a collective.
+        empty = hvd.allreduce(torch.tensor(int(self.n_local == 0)), op=hvd.Sum, name="empty_shards")
+        if int(empty):
+            raise RuntimeError(f"{int(empty)} of {self.size} ranks got no training rows from {job['train_url']}"
+                               f" (this one {self.n_local:,})")
         self.model, self.in_history = self.build_model()
         self.local_rows, self.local_counts, owned = self.wire_sparse_gradients()
         self.lr = t.lr * (self.size if t.scale_lr else 1)
@@ -296,6 +299,9 @@ class RankRun:
                       "best_ranking_epoch": -1, "bad_epochs": 0}
         self.best = {"model": None, "ranking": None}
         checkpoint = load(job["checkpoint"]) if job["resume"] and self.rank == 0 else None
+        if checkpoint is not None and "best" not in checkpoint:
+            raise RuntimeError(f"{job['checkpoint']} was written by an earlier version of dmf: train again without "
+                               f"--resume")
         if checkpoint is not None:
             self.model.load_state_dict(checkpoint["model"])
             self.optimizer.load_state_dict(checkpoint["optimizer"])

@@ -45,8 +45,8 @@ def suggest(trial, target: str, t: config.TrainConfig) -> dict:
     return values
 
 
-def tune(spark: SparkSession, cfg: Config, config_path: str | None, overrides: list[str], data_dir: str,
-         out: str, target: str, trials: int, force: bool = False) -> dict:
+def tune(spark: SparkSession, cfg: Config, config_path: str | None, overrides: list[str], flags: dict,
+         data_dir: str, out: str, target: str, trials: int, force: bool = False) -> dict:
     """Runs `trials` trainings and writes the best trial's whole config to `out` (a YAML file); returns a
     summary {target, best, trials: [...]}."""
     import optuna
@@ -69,7 +69,7 @@ def tune(spark: SparkSession, cfg: Config, config_path: str | None, overrides: l
         # An RMSE search trains no ranking tables (they cost time and leave the rating head as it is); the config
         # written at the end keeps the ranking settings it was given.
         speed = ["train.ranking_dim=0"] if target == "rmse" else []
-        trial_cfg = config.load(config_path, [*overrides, *(f"{k}={v}" for k, v in values.items()), *speed])
+        trial_cfg = config.load(config_path, [*overrides, *(f"{k}={v}" for k, v in values.items()), *speed], flags)
         started = time.time()
         manifest = train.train(spark, trial_cfg, data_dir, f"{work}/trial-{trial.number}", force=True)
         m = manifest["metrics"]
@@ -90,8 +90,10 @@ def tune(spark: SparkSession, cfg: Config, config_path: str | None, overrides: l
         fs_work, plain_work = storage.filesystem(work)
         if fs_work.exists(plain_work):
             fs_work.rm(plain_work, recursive=True)
+    if not study.best_trials:
+        raise StageError(f"no trial of {trials} gave a validation {target}: nothing was written to {out}")
     best = rows[study.best_trial.number]
-    best_cfg = config.load(config_path, [*overrides, *(f"{k}={v}" for k, v in best["settings"].items())])
+    best_cfg = config.load(config_path, [*overrides, *(f"{k}={v}" for k, v in best["settings"].items())], flags)
     header = (f"{HEADER} --target {target} --trials {trials}: the best of {trials} trials (trial {best['trial']}, "
               f"validation {target} {study.best_value:.4f})\n# on {data_dir}, from "
               f"{config_path or 'the built-in defaults'}{' with ' + ' '.join(overrides) if overrides else ''}.\n"
