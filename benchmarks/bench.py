@@ -365,6 +365,10 @@ def document(results: dict, out: Path) -> str:
     lines = ["# This pipeline against Spark MLlib ALS\n",
              "Written by `benchmarks/bench.py` (the commands are given per data set). Every number below was "
              "measured on the machine named with it, except the section marked *published, not measured here*.\n",
+             "Top-N lists against most popular, EASE and Spark ALS with implicitPrefs, ordered by the model's ranking "
+             "score: `docs/benchmarks/topn.md` (`benchmarks/topn_bench.py`). The NDCG@10 and recall@10 in the tables "
+             "below are those of the lists each run ordered as its model did when it was measured (by predicted "
+             "rating in the runs of 2026-11-27, before models had a ranking score).\n",
              "## How\n",
              "- One split per data set, prepared once by `dmf prepare`; every method trains on its `train/` and is "
              "measured on its `valid/` (which has no cold-start rows: prepare moves them to `rejected/`).",

@@ -99,6 +99,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--models", default="mf,dmf")
     parser.add_argument("--optimizers", default="adam,adagrad", help="the variants of these optimizers only")
+    parser.add_argument("--gradients", default="dense,fp16,sparse", help="the variants of these exchanges only")
     parser.add_argument("--ranking-dims", default="0,64",
                         help="train.ranking_dim of each throughput run: 0 is the rating objective alone, more adds "
                              "the ranking objective's tables (pipeline.ranking)")
@@ -110,7 +111,7 @@ def main() -> None:
     parser.add_argument("--work", default=str(WORK))
     parser.add_argument("--out", help="default docs/benchmarks/train-throughput.md or train-accuracy.md")
     args = parser.parse_args()
-    variants = [v for v in VARIANTS if v[0] in args.optimizers.split(",")]
+    variants = [v for v in VARIANTS if v[0] in args.optimizers.split(",") and v[1] in args.gradients.split(",")]
     spark = session(config.load().spark)
     lines = [f"# training benchmark\n\nWritten by `benchmarks/train_bench.py`. Machine: {machine()}.\n"]
     if args.accuracy_data:
