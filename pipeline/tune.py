@@ -32,14 +32,15 @@ def suggest(trial, target: str, t: config.TrainConfig) -> dict:
                 "train.ranking_l2": trial.suggest_float("train.ranking_l2", 0.3, 100.0, log=True),
                 "train.ranking_positives": trial.suggest_categorical("train.ranking_positives",
                                                                      ["above_mean", "all"])}
-    dim = trial.suggest_categorical("train.user_dim", [32, 64, 128, 256])
-    low, high = (0.005, 0.3) if t.optimizer in ("adagrad", "sgd") else (1e-4, 1e-2)
+    dim = trial.suggest_categorical("train.user_dim", [32, 64, 128])
+    # Ranges where MF's rating error is usually found; beyond them a trial diverges or underfits and only costs time.
+    low, high = (0.01, 0.1) if t.optimizer in ("adagrad", "sgd") else (1e-4, 3e-3)
     values = {"train.user_dim": dim, "train.item_dim": dim,
               "train.lr": trial.suggest_float("train.lr", low, high, log=True),
-              "train.l2": trial.suggest_float("train.l2", 0.005, 1.0, log=True),
-              "train.bias_l2": trial.suggest_float("train.bias_l2", 0.001, 1.0, log=True)}
+              "train.l2": trial.suggest_float("train.l2", 0.02, 0.5, log=True),
+              "train.bias_l2": trial.suggest_float("train.bias_l2", 0.005, 0.5, log=True)}
     if t.item_history:
-        values["train.history_l2"] = trial.suggest_float("train.history_l2", 1e-4, 0.1, log=True)
+        values["train.history_l2"] = trial.suggest_float("train.history_l2", 0.001, 0.05, log=True)
     if t.model != "mf":
         values["train.dropout"] = trial.suggest_float("train.dropout", 0.0, 0.6)
     return values
@@ -96,7 +97,7 @@ def tune(spark: SparkSession, cfg: Config, config_path: str | None, overrides: l
     best_cfg = config.load(config_path, [*overrides, *(f"{k}={v}" for k, v in best["settings"].items())], flags)
     header = (f"{HEADER} --target {target} --trials {trials}: the best of {trials} trials (trial {best['trial']}, "
               f"validation {target} {study.best_value:.4f})\n# on {data_dir}, from "
-              f"{config_path or 'the built-in defaults'}{' with ' + ' '.join(overrides) if overrides else ''}.\n"
+              f"{config_path or 'the built-in defaults'}{_given(overrides, flags)}.\n"
               f"# Train with: dmf train --config {out}\n")
     write_config(out, header, best_cfg)
     return {"target": target, "best": best, "value": study.best_value, "trials": rows, "out": out}
@@ -119,6 +120,11 @@ def write_config(out: str, header: str, cfg: Config) -> None:
     with fs.open(plain + ".partial", "w") as f:
         f.write(header + yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
     fs.mv(plain + ".partial", plain)
+
+
+def _given(overrides: list[str], flags: dict) -> str:
+    given = [*overrides, *(f"{k}={v}" for k, v in flags.items() if v is not None)]
+    return f" with {' '.join(given)}" if given else ""
 
 
 def _settings(values: dict) -> str:
