@@ -135,8 +135,8 @@ def table(manifest: dict) -> str:
     ease = manifest["peers"].get("ease", {})
     if "skipped" not in ease:
         columns[f"EASE ({ease['lambda']:g})"] = ease
-    lines.append(f"  ranked by {manifest['order']}" + " " * max(0, 10 - len(manifest['order']))
-                 + "".join(f"{name:>16}" for name in columns))
+    by = {"ranking": "by ranking score", "rating": "by predicted rating"}[manifest["order"]]
+    lines.append(f"  {by:<20}" + "".join(f"{name:>16}" for name in columns))
     for name, key in ((f"precision@{k}", f"precision@{k}"), (f"recall@{k}", f"recall@{k}"),
                       (f"NDCG@{k}", f"ndcg@{k}"), (f"MAP@{k}", f"map@{k}"), (f"hit rate@{k}", f"hit_rate@{k}"),
                       ("catalog coverage", "catalog_coverage"), ("mean popularity", "mean_popularity")):
