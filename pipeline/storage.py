@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import posixpath
 import socket
 import uuid
 
@@ -151,6 +152,19 @@ def clean_stale(fs, plain: str, stage: str) -> None:
             log.info("removed %s, left by a killed run", path)
     if process_ended(_owner(fs, plain), stage):
         fs.rm(f"{plain}/{OWNER}")
+
+
+PARTIAL = ".partial"  # the suffix of a file that replace_file has not finished
+
+
+def replace_file(path: str, data: bytes) -> None:
+    """Writes `data` to path through a temporary name beside it, then moves it into place: a kill never leaves
+    half a file where a reader would take it for a whole one."""
+    fs, plain = filesystem(path)
+    fs.makedirs(posixpath.dirname(plain), exist_ok=True)
+    with fs.open(plain + PARTIAL, "wb") as f:
+        f.write(data)
+    fs.mv(plain + PARTIAL, plain)
 
 
 def write_manifest(directory: str, manifest: dict) -> dict:

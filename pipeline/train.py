@@ -177,7 +177,7 @@ def checkpoint_dir(out: str, resume: bool) -> str:
     fs, plain = storage.filesystem(work)
     if fs.exists(plain) and not resume:
         names = {os.path.basename(p.rstrip("/")) for p in fs.ls(plain, detail=False)} if fs.isdir(plain) else {None}
-        if not names <= {*CHECKPOINT_FILES, *(f"{n}.partial" for n in CHECKPOINT_FILES)}:
+        if not names <= {*CHECKPOINT_FILES, *(f"{n}{storage.PARTIAL}" for n in CHECKPOINT_FILES)}:
             raise StageError(f"{work} holds files that are not training checkpoints "
                              f"({', '.join(sorted(map(str, names)))}): "
                              f"refusing to remove it; move it away or choose another --out")

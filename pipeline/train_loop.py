@@ -17,7 +17,7 @@ import warnings
 import numpy as np
 import torch
 
-from pipeline import metrics, models, optim, ranking
+from pipeline import metrics, models, optim, ranking, storage
 from pipeline.storage import filesystem
 
 COLUMNS = ("user_idx", "item_idx", "rating")
@@ -82,13 +82,10 @@ def evaluate(model, users, items, ratings, batch: int = 65536) -> dict:
 
 
 def save(obj, path: str) -> None:
-    """torch.save through fsspec, written to a temporary name first so a kill never leaves half a file."""
+    """torch.save through fsspec (storage.replace_file: never half a file)."""
     buffer = io.BytesIO()
     torch.save(obj, buffer)
-    fs, plain = filesystem(path)
-    with fs.open(plain + ".partial", "wb") as f:
-        f.write(buffer.getvalue())
-    fs.mv(plain + ".partial", plain)
+    storage.replace_file(path, buffer.getvalue())
 
 
 def load(path: str):

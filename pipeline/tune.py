@@ -10,7 +10,6 @@ reports it.
 from __future__ import annotations
 
 import dataclasses
-import posixpath
 import time
 
 import yaml
@@ -114,12 +113,8 @@ def check_output(out: str, force: bool) -> None:
 
 
 def write_config(out: str, header: str, cfg: Config) -> None:
-    """The whole resolved config as YAML, under a header, written to a temporary name and moved into place."""
-    fs, plain = storage.filesystem(out)
-    fs.makedirs(posixpath.dirname(plain), exist_ok=True)
-    with fs.open(plain + ".partial", "w") as f:
-        f.write(header + yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
-    fs.mv(plain + ".partial", plain)
+    """The whole resolved config as YAML, under a header."""
+    storage.replace_file(out, (header + yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)).encode())
 
 
 def _given(overrides: list[str], flags: dict) -> str:
