@@ -32,20 +32,30 @@ VALID_USERS = 10_000  # per rank: validation NDCG is computed on a seeded sample
 
 
 class RowPenalty:
-    """The L2 on the ranking tables' rows, charged per appearance in a batch."""
+    """What both losses share: which ratings are picks, and the L2 on the ranking tables' rows, charged per
+    appearance in a batch."""
 
-    def __init__(self, model, train: tuple[torch.Tensor, ...], hvd, l2: float, l2_exponent: float):
+    def __init__(self, model, train: tuple[torch.Tensor, ...], hvd, l2: float, l2_exponent: float,
+                 positive_above: float | None):
         self.users, self.items, self.hvd = model.ranking_user, model.ranking_item, hvd
+        self.positive_above = positive_above
         self.user_counts = count_rows(hvd, train[0], self.users.num_embeddings, "ranking.user_counts")
         self.item_counts = count_rows(hvd, train[1], self.items.num_embeddings, "ranking.item_counts")
         with torch.no_grad():  # rows no batch reaches would keep their random start: zero is what the loss wants
             for table, counts in ((self.users, self.user_counts), (self.items, self.item_counts)):
                 table.weight[counts == 0] = 0.0
         self.user_counts, self.item_counts = self.user_counts.clamp(min=1), self.item_counts.clamp(min=1)
+        self.per_user, self.per_item = 1 / self.user_counts, 1 / self.item_counts  # a row's share per appearance
         # A row's L2 over an epoch is l2 n^l2_exponent for its n training ratings (1: the frequency-scaled
         # regularization of Spark's ALS, Zhou et al. 2008; 0: the same for every row), charged 1/n per appearance.
         self.user_l2, self.item_l2 = (l2 * counts ** l2_exponent / counts for counts in (self.user_counts,
                                                                                         self.item_counts))
+
+    def positive(self, ratings: torch.Tensor) -> torch.Tensor:
+        """1.0 for the ratings that are picks, 0.0 for the others."""
+        if self.positive_above is None:
+            return torch.ones_like(ratings)
+        return (ratings > self.positive_above).to(ratings.dtype)
 
     def penalty(self, users, items, x, y) -> torch.Tensor:
         return x.pow(2).sum(1) * self.user_l2[users] + y.pow(2).sum(1) * self.item_l2[items]
@@ -57,14 +67,12 @@ class Softmax(RowPenalty):
     catalogs of thousands of items, not ML-20M's 27,000 on a CPU."""
 
     def __init__(self, model, train, hvd, *, l2: float, l2_exponent: float = 0.0, positive_above: float | None):
-        super().__init__(model, train, hvd, l2, l2_exponent)
-        self.positive_above = positive_above
+        super().__init__(model, train, hvd, l2, l2_exponent, positive_above)
 
     def loss(self, users: torch.Tensor, items: torch.Tensor, ratings: torch.Tensor, step: int) -> torch.Tensor:
         x, y = self.users(users), self.items.weight[items]
         logits = x @ self.items.weight.T
-        positive = torch.ones_like(ratings) if self.positive_above is None else (ratings > self.positive_above)
-        picked = torch.nn.functional.cross_entropy(logits, items, reduction="none") * positive.to(logits.dtype)
+        picked = torch.nn.functional.cross_entropy(logits, items, reduction="none") * self.positive(ratings)
         return (picked + self.penalty(users, items, x, y)).mean()
 
 
@@ -75,8 +83,7 @@ class Objective(RowPenalty):
                  l2_exponent: float = 0.0, popularity_exponent: float = 0.0, confidence: float = 0.0,
                  top_rating: float = 1.0, positive_above: float | None, batch: int,
                  owned: tuple[torch.Tensor, torch.Tensor]):
-        RowPenalty.__init__(self, model, train, hvd, l2, l2_exponent)
-        self.unobserved, self.positive_above = unobserved, positive_above
+        super().__init__(model, train, hvd, l2, l2_exponent, positive_above)
         self.confidence = confidence / top_rating  # per rating point, so that a top rating weighs 1 + confidence
         n_items = self.items.num_embeddings
         # An unpicked pair's weight: a0 for every item, or with popularity_exponent b > 0 in proportion to the item's
@@ -85,8 +92,8 @@ class Objective(RowPenalty):
         self.item_weight = unobserved * popularity * n_items / popularity.sum()
         self.owned = owned
         size = hvd.size()
-        # A refresh costs 2 (users + items) d^2 / size, a step's all-pairs term 4 batch d^2: refreshed this often,
-        # the Grams add at most a quarter to the ranking term's cost.
+        # A refresh costs 2 (users + items) d^2 / size, a step's products with the Grams 2 batch d^2: refreshed
+        # once every (users + items) / (size x batch) steps, the refreshes cost what those products do.
         self.refresh_every = max(1, math.ceil((self.users.num_embeddings + self.items.num_embeddings)
                                               / (size * batch)))
         self.user_gram = self.item_gram = None
@@ -102,13 +109,13 @@ class Objective(RowPenalty):
         if step % self.refresh_every == 0:
             self.refresh()
         x, y = self.users(users), self.items(items)
-        positive = torch.ones_like(ratings) if self.positive_above is None else (ratings > self.positive_above)
+        positive = self.positive(ratings)
         # A pick's weight grows with its rating, to 1 + confidence at the top of the scale (Hu et al.'s confidence,
         # as Spark's implicitPrefs takes alpha x rating), target 1.
-        picks = positive.to(x.dtype) * (1 + self.confidence * ratings)
-        rows = AllPairsRows.apply(x, y, picks, positive.to(x.dtype), self.item_weight[items],
-                                  1 / self.user_counts[users], 1 / self.item_counts[items], self.user_l2[users],
-                                  self.item_l2[items], self.item_gram, self.user_gram)
+        picks = positive * (1 + self.confidence * ratings)
+        rows = AllPairsRows.apply(x, y, picks, positive, self.item_weight[items], self.per_user[users],
+                                  self.per_item[items], self.user_l2[users], self.item_l2[items], self.item_gram,
+                                  self.user_gram)
         return rows.mean()
 
 
