@@ -14,7 +14,7 @@ from pyspark.sql import SparkSession
 
 from pipeline import metrics, peers, storage
 from pipeline.config import Config
-from pipeline.recommend import list_order, predict_pairs, seen_items, spark_table, top_n
+from pipeline.recommend import ORDERS, list_order, predict_pairs, seen_items, spark_table, top_n
 from pipeline.train import load_model, model_and_data, read_table
 
 log = logging.getLogger(__name__)
@@ -135,7 +135,7 @@ def table(manifest: dict) -> str:
     ease = manifest["peers"].get("ease", {})
     if "skipped" not in ease:
         columns[f"EASE ({ease['lambda']:g})"] = ease
-    by = {"ranking": "by ranking score", "rating": "by predicted rating"}[manifest["order"]]
+    by = f"by {ORDERS[manifest['order']]}"
     lines.append(f"  {by:<20}" + "".join(f"{name:>16}" for name in columns))
     for name, key in ((f"precision@{k}", f"precision@{k}"), (f"recall@{k}", f"recall@{k}"),
                       (f"NDCG@{k}", f"ndcg@{k}"), (f"MAP@{k}", f"map@{k}"), (f"hit rate@{k}", f"hit_rate@{k}"),

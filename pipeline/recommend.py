@@ -33,7 +33,7 @@ from pipeline.train import load_model, model_and_data, read_table
 log = logging.getLogger(__name__)
 TOP_SCHEMA = "user_idx int, rank int, item_idx int, score float"
 RETRIEVAL_MODELS = ("mf", "two_tower")
-ORDERS = {"ranking": "the model's ranking score", "rating": "predicted rating"}
+ORDERS = {"ranking": "ranking score", "rating": "predicted rating"}  # what orders the lists, in words
 RECALL_USERS = 1000  # users whose two-stage top-N is compared with exact scoring
 
 
@@ -268,7 +268,7 @@ def summary(manifest: dict, out: str) -> str:
     c, two = manifest["counts"], manifest.get("two_stage")
     text = (f"recommendations -> {out}/recommendations\n  top {manifest['top_n']} for {c['users']:,} users, "
             f"{c['rows']:,} rows, {c['items_covered']:,} of {c['catalog']:,} items recommended, "
-            f"{manifest['seconds']:.0f} s\n  ordered by {ORDERS[manifest['order']]}")
+            f"{manifest['seconds']:.0f} s\n  ordered by the model's {ORDERS[manifest['order']]}")
     if two:
         recall = "n/a" if two["recall_vs_exact"] is None else f"{two['recall_vs_exact']:.3f}"
         text += (f"\n  two-stage: {two['candidates']:,} candidates per user from {two['retrieval_model']}, "
