@@ -10,6 +10,7 @@ reports it.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 
 import yaml
@@ -63,26 +64,29 @@ def tune(spark: SparkSession, cfg: Config, config_path: str | None, overrides: l
     study = optuna.create_study(direction=direction, sampler=optuna.samplers.TPESampler(seed=cfg.train.seed))
     work = cfg.path("tune", cfg.run)
     rows = []
+    pick = min if direction == "minimize" else max
+
+    def with_settings(values: dict, *extra: str) -> Config:
+        return config.load(config_path, [*overrides, *(f"{k}={v}" for k, v in values.items()), *extra], flags)
 
     def objective(trial):
         values = suggest(trial, target, cfg.train)
         # An RMSE search trains no ranking tables (they cost time and leave the rating head as it is); the config
         # written at the end keeps the ranking settings it was given.
         speed = ["train.ranking_dim=0"] if target == "rmse" else []
-        trial_cfg = config.load(config_path, [*overrides, *(f"{k}={v}" for k, v in values.items()), *speed], flags)
         started = time.time()
-        manifest = train.train(spark, trial_cfg, data_dir, f"{work}/trial-{trial.number}", force=True)
+        manifest = train.train(spark, with_settings(values, *speed), data_dir, f"{work}/trial-{trial.number}",
+                               force=True)
         m = manifest["metrics"]
+        if m[metric] is None:
+            raise ConfigError(f"trial {trial.number + 1} reported no {metric}")
         rows.append({"trial": trial.number + 1, "settings": values, "valid_rmse": m["valid_rmse"],
                      "valid_ndcg": m.get("valid_ndcg"), "seconds": time.time() - started})
-        value = m[metric]
-        if value is None:
-            raise ConfigError(f"trial {trial.number + 1} reported no {metric}")
-        best = value if not study.best_trials else (min if direction == "minimize" else max)(value, study.best_value)
+        best = pick((r[metric] for r in rows if math.isfinite(r[metric])), default=math.nan)  # Optuna fails NaN
         print(f"trial {trial.number + 1}/{trials}  {_settings(values)}  valid RMSE {m['valid_rmse']:.4f}"
               + (f"  NDCG@{m['k']} {m['valid_ndcg']:.4f}" if m.get("valid_ndcg") is not None else "")
               + f"  best {target} {best:.4f}  {time.time() - started:.0f} s", flush=True)
-        return value
+        return m[metric]
 
     try:
         study.optimize(objective, n_trials=trials)
@@ -93,7 +97,7 @@ def tune(spark: SparkSession, cfg: Config, config_path: str | None, overrides: l
     if not study.best_trials:
         raise StageError(f"no trial of {trials} gave a validation {target}: nothing was written to {out}")
     best = rows[study.best_trial.number]
-    best_cfg = config.load(config_path, [*overrides, *(f"{k}={v}" for k, v in best["settings"].items())], flags)
+    best_cfg = with_settings(best["settings"])
     header = (f"{HEADER} --target {target} --trials {trials}: the best of {trials} trials (trial {best['trial']}, "
               f"validation {target} {study.best_value:.4f})\n# on {data_dir}, from "
               f"{config_path or 'the built-in defaults'}{_given(overrides, flags)}.\n"
