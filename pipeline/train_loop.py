@@ -259,7 +259,6 @@ class RankRun:
                          for table in tables}
         local_rows = []  # (table weight, its optim.Rows, every rank's local rows)
         local_counts = {}  # table name: how many of its rows this rank keeps out of the exchange
-        local_of = {}  # id(table): (this rank's local rows, every rank's)
         names = {id(module): name for name, module in model.named_modules()}
         for table in embedding_tables(model):
             # Sparse gradients hold only the rows a batch touched, each once (on the CPU a hook sums a row's
@@ -277,14 +276,14 @@ class RankRun:
                     rows = optim.Rows(table.weight, local, self.size)
                     local_rows.append((table.weight, rows, everyones))
                     local_counts[name] = int(local.sum())
-                    local_of[id(table)] = (local, everyones)
                 else:
                     rows = optim.Rows(table.weight)
                 table.weight.register_hook(rows.distinct)
         owned = None
         if model.ranking_user is not None:
+            local_of = {id(weight): (rows.local, everyones) for weight, rows, everyones in local_rows}
             owned = tuple(ranking.owned_rows(table.num_embeddings, self.rank, self.size,
-                                             *local_of.get(id(table), (None, None)))
+                                             *local_of.get(id(table.weight), (None, None)))
                           for table in (model.ranking_user, model.ranking_item))
         return local_rows, local_counts, owned
 
