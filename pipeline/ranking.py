@@ -191,9 +191,8 @@ class Validation:
         self.seen = scoring.by_user(seen_users, seen_items, n_users)
 
     def ndcg(self, model) -> float:
-        with torch.no_grad():
-            x, y = model.ranking_user.weight.cpu(), model.ranking_item.weight.cpu()
-            lists = scoring.top_lists(lambda block: x[torch.from_numpy(block)] @ y.T, self.users, self.seen, self.k)
+        users, items = (factors.cpu() for factors in model.ranking_factors())
+        lists = scoring.top_lists(lambda block: users[torch.from_numpy(block)] @ items, self.users, self.seen, self.k)
         result = metrics.ranking_metrics(lists, self.relevant, self.k)
         total = 0.0 if not result["users"] else result[f"ndcg@{self.k}"] * result["users"]
         summed = self.hvd.allreduce(torch.tensor([total, float(result["users"])], dtype=torch.float64),
