@@ -191,9 +191,13 @@ def renamed_flags(args) -> list[str]:
     return messages
 
 
+def command_flags(args) -> dict:
+    """The config keys the command's explicit flags set: {"train.model": "dmf", ...} (None where not given)."""
+    return {k[len("cfg__"):].replace("__", "."): v for k, v in vars(args).items() if k.startswith("cfg__")}
+
+
 def load_config(args) -> config_mod.Config:
-    flags = {k[len("cfg__"):].replace("__", "."): v for k, v in vars(args).items() if k.startswith("cfg__")}
-    return config_mod.load(args.config, args.set, flags)
+    return config_mod.load(args.config, args.set, command_flags(args))
 
 
 def main(argv: list[str] | None = None) -> int:

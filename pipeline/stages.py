@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pipeline import prepare as prepare_mod
 from pipeline import runs
+from pipeline.cli import command_flags
 from pipeline.config import Config
 from pipeline.spark import session
 from pipeline.storage import StageError
@@ -60,9 +61,8 @@ def tune(cfg: Config, args) -> str:
 
     data = _where(cfg, getattr(args, "data", None), "prepare", "prepared", cfg.dataset)
     out = args.out or cfg.path("tuned", f"{cfg.run}-{args.target}.yaml")
-    flags = {k[len("cfg__"):].replace("__", "."): v for k, v in vars(args).items() if k.startswith("cfg__")}
-    result = tune_mod.tune(_spark(cfg), cfg, args.config, args.set, flags, data, out, args.target, args.trials,
-                           force=_force(args))
+    result = tune_mod.tune(_spark(cfg), cfg, args.config, args.set, command_flags(args), data, out, args.target,
+                           args.trials, force=_force(args))
     return tune_mod.summary(result)
 
 
