@@ -106,12 +106,18 @@ HELP = {
 }
 
 
+LOG_LEVEL = {"type": str.upper, "choices": ("DEBUG", "INFO", "WARNING", "ERROR"),
+             "help": "this package's logging level (default INFO)"}
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="dmf", description="Deep matrix factorization recommender on Spark and Horovod.")
-    top.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    top.add_argument("--log-level", default="INFO", **LOG_LEVEL)
     commands = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, flags in STAGE_FLAGS.items():
         p = commands.add_parser(name, help=HELP[name], description=HELP[name])
+        # After the command name too (jobs/ put theirs there); SUPPRESS leaves the top-level value unless given.
+        p.add_argument("--log-level", default=argparse.SUPPRESS, **LOG_LEVEL)
         p.add_argument("--config", help="YAML config (see conf/); the built-in defaults are conf/local.yaml")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override one config key, e.g. --set train.lr=0.005 (repeatable)")
@@ -206,8 +212,8 @@ def main(argv: list[str] | None = None) -> int:
         print(message, file=sys.stderr)
     # --log-level applies to this package; other libraries log warnings only. py4j logs through the root
     # logger, at INFO with a traceback, each pooled connection that Horovod's driver has hung up on: harmless.
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger("pipeline").setLevel(args.log_level.upper())
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("pipeline").setLevel(args.log_level)
     try:
         cfg = load_config(args)
         from pipeline import stages  # imports Spark; kept out of --help and config errors
