@@ -8,9 +8,9 @@ import dataclasses
 import datetime
 import typing
 import urllib.parse
-from pathlib import Path
 from typing import Annotated, Literal
 
+import fsspec
 import yaml
 from pydantic import BeforeValidator, ConfigDict, Field, ValidationError
 from pydantic.dataclasses import dataclass
@@ -261,6 +261,20 @@ def parse_override(text: str) -> dict:
     return _nest(key.strip(), yaml.safe_load(raw) if raw else "")
 
 
+def read_config_file(path: str) -> str:
+    """A local path or any fsspec URL (hdfs://, s3a://, gs://): spark-submit's driver may run on a host that
+    has only the cluster's storage."""
+    try:
+        fs, _, (plain,) = fsspec.get_fs_token_paths(path)
+        found = fs.isfile(plain)
+        if found:
+            with fs.open(plain, "rt", encoding="utf-8") as f:
+                return f.read()
+    except (ImportError, ValueError, OSError) as e:  # no filesystem for the scheme, or it cannot be reached
+        raise ConfigError(f"config file {path} cannot be read ({type(e).__name__}: {e})") from e
+    raise ConfigError(f"config file {path} does not exist")
+
+
 def load(path: str | None = None, overrides: list[str] = (), flags: dict | None = None) -> Config:
     """The config from a YAML file (or the defaults), `--set` overrides, then explicit flags (dotted keys).
 
@@ -268,10 +282,7 @@ def load(path: str | None = None, overrides: list[str] = (), flags: dict | None 
     train.model apply over the file's `train:` section and under `--set` and flags."""
     values: dict = {}
     if path:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        values = yaml.safe_load(p.read_text()) or {}
+        values = yaml.safe_load(read_config_file(path)) or {}
     per_model = values.pop("models", None) or {}
     models = choices(TrainConfig, "model")
     unknown = sorted(set(per_model) - set(models))

@@ -17,14 +17,14 @@ import re
 import shutil
 import tempfile
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from urllib.parse import unquote
 
 import pandas as pd
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from pipeline.storage import StageError, filesystem, is_empty
+from pipeline.storage import StageError, filesystem, is_empty, respelled
 
 WHOLE_STARS = (1.0, 5.0, 1.0)
 HALF_STARS = (0.5, 5.0, 0.5)
@@ -66,20 +66,24 @@ def unpacked(path: str):
 
 
 def detect(path: str, fmt: str = "auto") -> Source:
-    """What `path` holds: a MovieLens directory (see `unpacked` for a .zip), or a single ratings file."""
+    """What `path` holds: a MovieLens directory (see `unpacked` for a .zip), or a single ratings file. The
+    source's paths keep `path`'s scheme and authority (hdfs://nn:8020, s3a://bucket), for Spark."""
     fs, plain = filesystem(path)
     if not fs.exists(plain):
         raise StageError(f"input {path} does not exist")
     if plain.endswith(".zip"):
         raise StageError(f"internal error: {path} must be unpacked first (ingest.unpacked)")
     if fs.isdir(plain) and not _is_parquet_dataset(fs, plain):
-        return _detect_in_directory(fs, plain, fmt, path)
-    if fmt == "auto":
-        fmt = _format_of_file(fs, plain, os.path.basename(plain.rstrip("/")))
-        if fmt is None:
-            raise StageError(f"{path}: cannot tell the ratings format from the file name; name it "
-                             f"u.data, ratings.dat, ratings.csv or *.parquet, or pass --format")
-    return _source(fs, plain, fmt)
+        source = _detect_in_directory(fs, plain, fmt, path)
+    else:
+        if fmt == "auto":
+            fmt = _format_of_file(fs, plain, os.path.basename(plain.rstrip("/")))
+            if fmt is None:
+                raise StageError(f"{path}: cannot tell the ratings format from the file name; name it "
+                                 f"u.data, ratings.dat, ratings.csv or *.parquet, or pass --format")
+        source = _source(fs, plain, fmt)
+    return replace(source, ratings=respelled(path, source.ratings),
+                   movies=source.movies and respelled(path, source.movies))
 
 
 def _source(fs, plain: str, fmt: str) -> Source:

@@ -33,6 +33,21 @@ def filesystem(path: str):
     return fs, plain
 
 
+def respelled(original: str, plain: str) -> str:
+    """`plain`, a path fsspec gave back for something under `original`, spelled with `original`'s scheme and
+    authority, which fsspec strips (s3a://bucket/key is bucket/key, hdfs://nn:8020/data is /data): the
+    spelling Spark needs to read the same place."""
+    if "://" not in original:
+        return plain
+    protocol = original.split("://", 1)[0]
+    root = fsspec.get_filesystem_class(protocol)._strip_protocol(original).rstrip("/")
+    trimmed = original.rstrip("/")
+    if not trimmed.endswith(root):
+        raise StageError(f"internal error: cannot tell the scheme and authority of {original} (fsspec reads it as "
+                         f"{root})")
+    return trimmed[: len(trimmed) - len(root)] + plain
+
+
 def url(path: str) -> str:
     """A URL that Spark, petastorm and fsspec all read the same way (local paths become file://)."""
     return path if "://" in path else "file://" + os.path.abspath(path)
