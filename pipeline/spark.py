@@ -1,6 +1,7 @@
 """The SparkSession every stage is handed: built from the config, or the one spark-submit made."""
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
@@ -17,6 +18,7 @@ DEFAULTS = {
     "spark.executorEnv.OMP_NUM_THREADS": "1",
 }
 LOOPBACK = "lo"
+log = logging.getLogger(__name__)
 BIND_VARIABLE = "DMF_BIND_INTERFACE"  # read by Horovod's find_port, as deploy/patch_horovod.py patches it
 
 
@@ -62,4 +64,9 @@ def session(cfg: SparkConfig) -> SparkSession:
         builder = builder.config(key, str(value))
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("WARN")
+    asked, running = cfg.conf.get("spark.driver.memory"), spark.sparkContext.getConf().get("spark.driver.memory")
+    if asked is not None and str(asked) != running:
+        # Under spark-submit the driver's JVM is running before this code: its heap was fixed on the command line.
+        log.warning("spark.driver.memory=%s in the config has no effect here (the driver runs with %s): pass "
+                    "spark-submit --driver-memory %s", asked, running or "Spark's default, 1g", asked)
     return spark
