@@ -69,11 +69,34 @@ def check(spark: SparkSession, cfg: Config, data_dir: str) -> tuple[dict, dict]:
         if data["row_groups"][split] < n:
             raise StageError(f"{data_dir}/{split} has {data['row_groups'][split]} row groups, fewer than "
                              f"train.num_proc={n} ranks: prepare again with --set prepare.max_ranks={n}")
-    slots = spark.sparkContext.defaultParallelism
-    if n > slots:
-        raise StageError(f"train.num_proc={n} ranks need as many Spark task slots, and this Spark has {slots} "
-                         f"(spark.master={spark.conf.get('spark.master')}): lower train.num_proc or add executors")
+    check_slots(spark, n)
     return data, spec
+
+
+def task_slots(spark: SparkSession) -> tuple[int, str]:
+    """How many tasks can run at once, and what limits them: cores, or GPUs where tasks ask for one."""
+    sc = spark.sparkContext
+    cores = sc.defaultParallelism
+    per_task = float(sc.getConf().get("spark.task.resource.gpu.amount", "0"))
+    if per_task <= 0:
+        return cores, "task slots"
+    executors = max(0, sc._jsc.sc().getExecutorMemoryStatus().size() - 1)  # less the driver
+    per_executor = float(sc.getConf().get("spark.executor.resource.gpu.amount", "0"))
+    gpus = executors * int(per_executor // per_task)
+    return (gpus, "GPU task slots") if gpus < cores else (cores, "task slots")
+
+
+def check_slots(spark: SparkSession, ranks: int, wait_s: float = 60) -> None:
+    """Every rank needs a slot at once. Executors register after the session starts on a cluster, so a shortfall
+    is waited out for a while before it is an error."""
+    deadline = time.time() + wait_s
+    slots, kind = task_slots(spark)
+    while ranks > slots and not spark.conf.get("spark.master").startswith("local") and time.time() < deadline:
+        time.sleep(1)
+        slots, kind = task_slots(spark)
+    if ranks > slots:
+        raise StageError(f"train.num_proc={ranks} ranks need as many Spark {kind}, and this Spark has {slots} "
+                         f"(spark.master={spark.conf.get('spark.master')}): lower train.num_proc or add executors")
 
 
 def check_plain_parquet(path: str) -> None:
@@ -140,10 +163,16 @@ def train(spark: SparkSession, cfg: Config, data_dir: str, out: str, resume: boo
     started = time.time()
     try:
         interface = network_interface(cfg.spark)
+        # Ranks run the executors' Python (spark.pyspark.python: a shipped ./environment/bin/python on a cluster)
+        # and stream their output here, so that a cluster run shows its epochs on the driver.
         results = sorted(horovod.spark.run(rank_main, args=(job,), num_proc=cfg.train.num_proc, verbose=0,
-                                           nics={interface} if interface else None), key=lambda r: r["rank"])
+                                           nics={interface} if interface else None,
+                                           executable=os.environ.get("PYSPARK_PYTHON", sys.executable),
+                                           stdout=sys.stdout, stderr=sys.stderr,
+                                           prefix_output_with_timestamp=True), key=lambda r: r["rank"])
     except Exception as e:
-        raise StageError(f"training failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+        why = " ".join(str(e).split())  # Horovod's message names the failed rank on its later lines
+        raise StageError(f"training failed ({type(e).__name__}: {why[:400]}; the ranks' output above says more); "
                          f"{out} is unchanged. The last epoch's checkpoint stays in {work} for "
                          f"`dmf train --resume`; a run without --resume removes it") from e
     seconds = time.time() - started
@@ -156,7 +185,8 @@ def train(spark: SparkSession, cfg: Config, data_dir: str, out: str, resume: boo
             "stage": "train", "spec": spec, "train": vars(cfg.train),
             "data": {"path": data_dir, "dataset": data["dataset"], "created_at": data["created_at"],
                      "checksum": data["source"]["checksum"], "counts": data["counts"]},
-            "ranks": [{"rank": r["rank"], "rows": r["rows"], "local_rows": r["local_rows"]} for r in results],
+            "ranks": [{key: r[key] for key in ("rank", "host", "gpus", "device", "rows", "local_rows")}
+                      for r in results],
             "history": chief["history"], "seconds": seconds,
             "metrics": {"valid_rmse": best["valid_rmse"], "valid_mae": best["valid_mae"],
                         "best_epoch": chief["best_epoch"], "epochs_run": len(chief["history"]),

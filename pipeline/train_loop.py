@@ -11,6 +11,7 @@ import copy
 import io
 import math
 import os
+import socket
 import time
 import warnings
 
@@ -187,6 +188,24 @@ def rank_main(job: dict) -> dict:
     return run.finish()
 
 
+def spark_gpus() -> list[str]:
+    """The GPU addresses Spark assigned to this rank's task (spark.task.resource.gpu.amount); [] where none."""
+    from horovod.spark.task import get_available_devices
+
+    return list(get_available_devices())
+
+
+def rank_device(gpus: list[str], local_rank: int) -> torch.device:
+    """The GPU Spark assigned to the task, else (no GPU scheduling) the local_rank-th; the CPU without CUDA.
+    Spark's address, not local_rank, is the one no other task on the host is using (horovod#3841)."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    if not gpus:
+        return torch.device("cuda", local_rank)
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")  # a cluster manager that isolates GPUs
+    return torch.device("cuda", visible.index(gpus[0]) if gpus[0] in visible else int(gpus[0]))
+
+
 class RankRun:
     """What one rank holds through training, set up in the constructor and used by the phases rank_main calls:
     restore, train_epoch, validate, keep_best, report, finish."""
@@ -195,8 +214,9 @@ class RankRun:
         self.job, self.hvd, self.t = job, hvd, job["train"]
         self.rank, self.size = hvd.rank(), hvd.size()
         t = self.t
-        torch.set_num_threads(t.threads_per_rank or max(1, (os.cpu_count() or 1) // self.size))
-        self.device = torch.device("cuda", hvd.local_rank()) if torch.cuda.is_available() else torch.device("cpu")
+        torch.set_num_threads(t.threads_per_rank or max(1, (os.cpu_count() or 1) // hvd.local_size()))
+        self.gpus = spark_gpus()
+        self.device = rank_device(self.gpus, hvd.local_rank())
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         torch.manual_seed(t.seed)
@@ -410,7 +430,8 @@ class RankRun:
             best.update(self.best["ranking"] or {})
             save({k: v.cpu() for k, v in best.items()}, self.job["weights"])
         state = self.state
-        return {"rank": self.rank, "rows": self.n_local, "local_rows": self.local_counts, "history": state["history"],
+        return {"rank": self.rank, "host": socket.gethostname(), "gpus": self.gpus, "device": str(self.device),
+                "rows": self.n_local, "local_rows": self.local_counts, "history": state["history"],
                 "best_epoch": state["best_epoch"], "best_rmse": state["best_rmse"],
                 "best_ranking_epoch": state["best_ranking_epoch"],
                 "best_ndcg": state["best_ndcg"] if state["best_ranking_epoch"] > 0 else None}
