@@ -6,13 +6,19 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3.11}
+# EXTRAS=[test] and editable for development; deploy/pack.sh installs the package itself (EXTRAS= EDITABLE=0),
+# because a packed environment must not point back into this checkout.
+EXTRAS=${EXTRAS-[test]}
+EDITABLE=${EDITABLE:-1}
 TORCH_VERSION=2.13.0
 HOROVOD_VERSION=0.28.1
 
-[ -x "$VENV/bin/python" ] || { echo "==> creating $VENV"; "$PYTHON" -m venv "$VENV"; }
+# VENV_OPTIONS=--copies (deploy/pack.sh): an interpreter copied, not linked, in the venv's bin
+[ -x "$VENV/bin/python" ] || { echo "==> creating $VENV"; "$PYTHON" -m venv ${VENV_OPTIONS:-} "$VENV"; }
 py="$VENV/bin/python"
 pip() { "$py" -m pip --disable-pip-version-check "$@"; }
-installed() { "$py" -c "import importlib.metadata as m, sys; sys.exit(m.version('$1') != '$2')" 2>/dev/null; }
+# A local version label counts as the version: the CPU wheel is 2.13.0+cpu.
+installed() { "$py" -c "import importlib.metadata as m, sys; sys.exit(m.version('$1').split('+')[0] != '$2')" 2>/dev/null; }
 
 if ! installed torch "$TORCH_VERSION"; then
   echo "==> installing torch $TORCH_VERSION (CPU wheel where one lies on disk)"
@@ -45,6 +51,6 @@ done
 stamp="$VENV/.pipeline-installed"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   echo "==> installing the pipeline package and its pinned dependencies"
-  pip install -e ".[test]"
+  if [ "$EDITABLE" = 1 ]; then pip install -e ".$EXTRAS"; else pip install ".$EXTRAS"; fi
 fi
 touch "$stamp"
