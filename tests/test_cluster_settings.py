@@ -1,7 +1,10 @@
 """What a cluster run depends on, checked without a cluster: storage URLs kept whole for Spark, a config read
-from any fsspec URL, --log-level where jobs/ put it, and a rank's GPU and slot count from Spark's resources."""
+from any fsspec URL, --log-level where jobs/ put it, a rank's GPU and slot count from Spark's resources, and
+rank output streamed to the driver as it is printed."""
 import importlib
 import logging
+import queue
+import threading
 from types import SimpleNamespace
 
 import pytest
@@ -99,3 +102,41 @@ def test_a_driver_memory_that_cannot_apply_is_named(spark, caplog):
         session(SparkConfig(master="local[2]", app_name="dmf-tests", conf={"spark.driver.memory": "3g"}))
     assert "spark.driver.memory=3g in the config has no effect here (the driver runs with 2g)" in caplog.text
     assert "spark-submit --driver-memory 3g" in caplog.text
+
+
+class StreamRequest:
+    """Asks the service below for its stream, as Horovod's driver asks a task service for a rank's output."""
+
+
+def test_rank_output_reaches_the_driver_as_it_is_printed(monkeypatch):
+    """Horovod streams a rank's output through its services (deploy/patch_horovod.py, second change): unpatched,
+    the executor buffered it and the driver read it in 64 KiB blocks, so a training run's epochs showed at its end."""
+    from horovod.runner.common.util import network, secret
+    from horovod.runner.util.streams import Pipe
+
+    monkeypatch.setenv("DMF_BIND_INTERFACE", "lo")
+    output = Pipe()
+
+    class RankOutput(network.BasicService):
+        def _handle(self, req, client_address):
+            if isinstance(req, StreamRequest):
+                return network.AckStreamResponse(), output
+            return super()._handle(req, client_address)
+
+    key = secret.make_secret_key()
+    service = RankOutput("rank output", key, nics={"lo"})
+    received = queue.Queue()
+    try:
+        client = network.BasicClient("rank output", service.addresses(), key, verbose=0)
+        reader = threading.Thread(target=client._send, args=(StreamRequest(), SimpleNamespace(write=received.put)),
+                                  daemon=True)
+        reader.start()
+        for epoch in (1, 2):
+            output.write(f"epoch {epoch}\n")
+            assert received.get(timeout=10) == f"epoch {epoch}\n"  # while the stream is still open
+        output.close()
+        reader.join(timeout=10)
+        assert not reader.is_alive()
+    finally:
+        output.close()
+        service.shutdown()
