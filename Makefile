@@ -4,7 +4,7 @@ STAMP := $(VENV)/.pipeline-installed
 AIRFLOW_STAMP := .venv-airflow/.airflow-installed
 export PYSPARK_PYTHON := $(abspath $(VENV))/bin/python
 
-.PHONY: install airflow-venv postgres run test bench clean
+.PHONY: install airflow-venv postgres run test test-cluster bench clean
 
 install: $(STAMP)
 
@@ -28,6 +28,11 @@ postgres:
 
 test: install airflow-venv postgres
 	$(VENV)/bin/python -m pytest tests
+
+# tests/test_cluster.py alone (make test runs it too): a three-host Spark standalone cluster in network
+# namespaces, the environment packed by deploy/pack.sh. Needs root, iproute2 and java.
+test-cluster: install
+	$(VENV)/bin/python -m pytest tests/test_cluster.py
 
 clean:
 	rm -rf work .pytest_cache
