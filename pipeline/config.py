@@ -10,10 +10,11 @@ import typing
 import urllib.parse
 from typing import Annotated, Literal
 
-import fsspec
 import yaml
 from pydantic import BeforeValidator, ConfigDict, Field, ValidationError
 from pydantic.dataclasses import dataclass
+
+from pipeline.storage import filesystem
 
 # Lax mode: YAML's 1 is a valid float and --set's "8" a valid int; strict mode would refuse nested mappings.
 SETTINGS = ConfigDict(extra="forbid")
@@ -265,9 +266,8 @@ def read_config_file(path: str) -> str:
     """A local path or any fsspec URL (hdfs://, s3a://, gs://): spark-submit's driver may run on a host that
     has only the cluster's storage."""
     try:
-        fs, _, (plain,) = fsspec.get_fs_token_paths(path)
-        found = fs.isfile(plain)
-        if found:
+        fs, plain = filesystem(path)
+        if fs.isfile(plain):
             with fs.open(plain, "rt", encoding="utf-8") as f:
                 return f.read()
     except (ImportError, ValueError, OSError) as e:  # no filesystem for the scheme, or it cannot be reached
