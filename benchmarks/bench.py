@@ -33,9 +33,11 @@ from prepare_bench import PeakMemory
 from pyspark.ml.recommendation import ALS
 from recommend_bench import timed
 
-from pipeline import config, evaluate, metrics, prepare, recommend, scoring, storage, train
+from pipeline import config, evaluate, metrics, recommend, scoring, storage
 from pipeline.config import TrainConfig
+from pipeline.data import prepare
 from pipeline.spark import session
+from pipeline.training import train
 
 ML100K = ROOT.parent / "shared" / "data" / "movielens" / "ml-100k" / "raw"
 CONF = str(ROOT / "conf" / "ml-100k.yaml")

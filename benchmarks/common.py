@@ -8,7 +8,8 @@ from pathlib import Path
 import psutil
 import torch
 
-from pipeline import config, prepare, storage, synth
+from pipeline import config, storage
+from pipeline.data import prepare, synth
 
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "work" / "bench"

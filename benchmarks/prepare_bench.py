@@ -22,7 +22,8 @@ from pathlib import Path
 
 import psutil
 
-from pipeline import config, prepare, storage, synth
+from pipeline import config, storage
+from pipeline.data import prepare, synth
 from pipeline.spark import session
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -19,8 +19,9 @@ from pathlib import Path
 from common import ROOT, WORK, machine, ml20m_sized
 from pyspark.ml.recommendation import ALS
 
-from pipeline import config, recommend, storage, train
+from pipeline import config, recommend, storage
 from pipeline.spark import session
+from pipeline.training import train
 
 
 def timed(fn, repeat: int) -> list[float]:

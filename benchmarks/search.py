@@ -22,8 +22,9 @@ from pathlib import Path
 
 import yaml
 
-from pipeline import config, storage, train
-from pipeline.train_loop import rank_main
+from pipeline import config, storage
+from pipeline.training import train
+from pipeline.training.loop import rank_main
 
 
 def settings(grid: list[dict]):

@@ -23,8 +23,9 @@ from bench import ML100K, _factors, prepared
 from common import ROOT, WORK, machine
 from pyspark.ml.recommendation import ALS
 
-from pipeline import config, evaluate, peers, recommend, scoring, storage, train
+from pipeline import config, evaluate, peers, recommend, scoring, storage
 from pipeline.spark import session
+from pipeline.training import train
 
 CONF = str(ROOT / "conf" / "ml-100k.yaml")
 SPLITS = {"ml-100k": [], "ml-100k-temporal": ["prepare.split.method=user_temporal"]}

@@ -24,8 +24,9 @@ from pathlib import Path
 import torch
 from common import ROOT, WORK, machine, ml20m_sized
 
-from pipeline import config, models, storage, train
+from pipeline import config, models, storage
 from pipeline.spark import session
+from pipeline.training import train
 
 VARIANTS = [  # (optimizer, gradients)
     ("adam", "dense"), ("adagrad", "dense"), ("adagrad", "fp16"), ("adagrad", "sparse")]

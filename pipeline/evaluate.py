@@ -15,7 +15,7 @@ from pyspark.sql import SparkSession
 from pipeline import metrics, peers, storage
 from pipeline.config import Config
 from pipeline.recommend import ORDERS, list_order, predict_pairs, seen_items, spark_table, top_n
-from pipeline.train import load_model, model_and_data, read_table
+from pipeline.training.train import load_model, model_and_data, read_table
 
 log = logging.getLogger(__name__)
 SAMPLE_FOR_PLOTS = 100_000
@@ -89,7 +89,7 @@ def _pictures(model_dir: str, out: str, sample: pd.DataFrame, items: pd.DataFram
 
     fs, plain = storage.filesystem(out)
     model, manifest = load_model(model_dir)
-    from pipeline.train import plot_history
+    from pipeline.training.train import plot_history
 
     plot_history(manifest["history"], f"{out}/learning_curves.png", manifest["spec"]["model"])
 

@@ -10,7 +10,7 @@ from pyspark.sql import functions as F
 from pipeline import storage
 from pipeline.recommend import predict_pairs, spark_table
 from pipeline.storage import StageError
-from pipeline.train import load_model, model_and_data, read_table
+from pipeline.training.train import load_model, model_and_data, read_table
 
 ID_COLUMNS = {"user_id": ("user_id", "userId"), "item_id": ("item_id", "movieId")}
 

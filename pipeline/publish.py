@@ -37,7 +37,7 @@ from pyspark.sql import functions as F
 from pipeline import storage
 from pipeline.predict import unit_item_vectors
 from pipeline.storage import StageError
-from pipeline.train import model_and_data, read_table
+from pipeline.training.train import model_and_data, read_table
 
 log = logging.getLogger(__name__)
 DRIVER = "org.postgresql.Driver"

@@ -28,7 +28,7 @@ from pipeline import storage
 from pipeline.config import Config
 from pipeline.scoring import TOPK_CHUNK, best_rows, by_user, dot_scores, mask_seen, top_k
 from pipeline.storage import StageError
-from pipeline.train import load_model, model_and_data, read_table
+from pipeline.training.train import load_model, model_and_data, read_table
 
 log = logging.getLogger(__name__)
 TOP_SCHEMA = "user_idx int, rank int, item_idx int, score float"

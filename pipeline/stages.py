@@ -1,10 +1,10 @@
 """What each `dmf` command does: build the Spark session, call the stage function, say what was written."""
 from __future__ import annotations
 
-from pipeline import prepare as prepare_mod
 from pipeline import runs
 from pipeline.cli import command_flags
 from pipeline.config import Config
+from pipeline.data import prepare as prepare_mod
 from pipeline.spark import session
 from pipeline.storage import StageError
 
@@ -32,7 +32,7 @@ def _spark(cfg: Config):
 
 
 def synth(cfg: Config, args) -> str:
-    from pipeline import synth as synth_mod
+    from pipeline.data import synth as synth_mod
 
     out = _where(cfg, getattr(args, "out", None), "synth", "synth", cfg.dataset)
     manifest = synth_mod.generate(_spark(cfg), cfg.synth, out, force=_force(args))
@@ -47,7 +47,7 @@ def prepare(cfg: Config, args) -> str:
 
 
 def train(cfg: Config, args) -> str:
-    from pipeline import train as train_mod
+    from pipeline.training import train as train_mod
 
     data = _where(cfg, getattr(args, "data", None), "prepare", "prepared", cfg.dataset)
     out = _where(cfg, getattr(args, "out", None), "train", "models", cfg.run)

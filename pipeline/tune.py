@@ -16,9 +16,10 @@ import time
 import yaml
 from pyspark.sql import SparkSession
 
-from pipeline import config, storage, train
+from pipeline import config, storage
 from pipeline.config import Config, ConfigError
 from pipeline.storage import StageError
+from pipeline.training import train
 
 HEADER = "# dmf tune"
 TARGETS = {"rmse": ("valid_rmse", "minimize"), "ndcg": ("valid_ndcg", "maximize")}

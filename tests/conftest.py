@@ -2,10 +2,12 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import config, prepare, synth, train
+from pipeline import config
 from pipeline.config import SparkConfig
+from pipeline.data import prepare, synth
 from pipeline.publish import jdbc_jar
 from pipeline.spark import session
+from pipeline.training import train
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "movielens" / "ml-100k"
 # Tests that start servers or processes without the spark fixture; `pytest -m "not slow"` leaves them out too.

@@ -17,7 +17,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from pipeline import config, evaluate, prepare, recommend, storage, synth, train
+from pipeline import config, evaluate, recommend, storage
+from pipeline.data import prepare, synth
+from pipeline.training import train
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(cluster_mod.usable() is not None,

@@ -11,9 +11,11 @@ import pytest
 import torch
 from fsspec.implementations.memory import MemoryFileSystem
 
-from pipeline import cli, config, ingest, storage, train, train_loop
+from pipeline import cli, config, storage
 from pipeline.config import ConfigError, SparkConfig
+from pipeline.data import ingest
 from pipeline.spark import session
+from pipeline.training import loop, train
 
 
 class BucketStore(MemoryFileSystem):
@@ -68,13 +70,13 @@ def test_log_level_is_taken_before_and_after_the_command_name():
 
 def test_a_rank_uses_the_gpu_spark_assigned_to_its_task(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert train_loop.rank_device(["5"], 0) == torch.device("cpu")
+    assert loop.rank_device(["5"], 0) == torch.device("cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    assert train_loop.rank_device(["5"], 0) == torch.device("cuda", 5)
-    assert train_loop.rank_device([], 1) == torch.device("cuda", 1)  # no GPU scheduling: Horovod's local rank
+    assert loop.rank_device(["5"], 0) == torch.device("cuda", 5)
+    assert loop.rank_device([], 1) == torch.device("cuda", 1)  # no GPU scheduling: Horovod's local rank
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")  # the cluster manager shows only this task's host's GPUs
-    assert train_loop.rank_device(["5"], 0) == torch.device("cuda", 1)
+    assert loop.rank_device(["5"], 0) == torch.device("cuda", 1)
 
 
 def fake_spark(cores: int, executors: int, conf: dict):

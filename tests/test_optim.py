@@ -1,11 +1,11 @@
-"""pipeline.optim.Adagrad against torch's Adagrad: the same steps from the same gradients."""
+"""pipeline.training.sparse.Adagrad against torch's Adagrad: the same steps from the same gradients."""
 import copy
 
 import numpy as np
 import pytest
 import torch
 
-from pipeline import optim
+from pipeline.training import sparse
 
 
 def sparse_model():
@@ -25,7 +25,7 @@ def train(model, optimizer, steps=5):
 @pytest.mark.parametrize("lr_decay", [0.0, 0.5])
 def test_sparse_rows_step_like_torch_adagrad(lr_decay):
     ours, theirs = sparse_model(), sparse_model()
-    mine = optim.Adagrad(ours.parameters(), lr=0.1, lr_decay=lr_decay)
+    mine = sparse.Adagrad(ours.parameters(), lr=0.1, lr_decay=lr_decay)
     train(ours, mine)
     train(theirs, torch.optim.Adagrad(theirs.parameters(), lr=0.1, lr_decay=lr_decay))
     for name, p in ours.named_parameters():
@@ -39,14 +39,14 @@ def test_sparse_rows_step_like_torch_adagrad(lr_decay):
 
 def test_the_gradient_hook_sums_duplicate_rows_and_changes_no_step():
     hooked, plain = sparse_model(), sparse_model()
-    hooked["table"].weight.register_hook(optim.Rows(hooked["table"].weight).distinct)
+    hooked["table"].weight.register_hook(sparse.Rows(hooked["table"].weight).distinct)
     rows = torch.tensor([3, 7, 3, 3, 0])
     hooked["table"](rows).sum().backward()
     grad = hooked["table"].weight.grad
     assert sorted(grad._indices()[0].tolist()) == [0, 3, 7]
     assert torch.equal(grad.to_dense()[3], torch.full((8,), 3.0))
-    train(hooked, optim.Adagrad(hooked.parameters(), lr=0.1))
-    train(plain, optim.Adagrad(plain.parameters(), lr=0.1))
+    train(hooked, sparse.Adagrad(hooked.parameters(), lr=0.1))
+    train(plain, sparse.Adagrad(plain.parameters(), lr=0.1))
     assert torch.allclose(hooked["table"].weight, plain["table"].weight, atol=1e-6)
 
 
@@ -54,7 +54,7 @@ def test_local_rows_stay_out_of_the_exchange_and_come_back_for_the_step():
     model = sparse_model()
     local = np.zeros(50, dtype=bool)
     local[[3, 9]] = True  # rows that only this rank reads
-    rows = optim.Rows(model["table"].weight, local, ranks=2)
+    rows = sparse.Rows(model["table"].weight, local, ranks=2)
     model["table"].weight.register_hook(rows.distinct)
     model["table"](torch.tensor([3, 7, 3, 9, 0, 7, 7])).sum().backward()
     exchanged = model["table"].weight.grad
@@ -68,9 +68,9 @@ def test_local_rows_stay_out_of_the_exchange_and_come_back_for_the_step():
 
 def test_a_single_rank_with_every_row_local_steps_like_no_local_rows():
     local, plain = sparse_model(), sparse_model()
-    rows = optim.Rows(local["table"].weight, np.ones(50, dtype=bool))
+    rows = sparse.Rows(local["table"].weight, np.ones(50, dtype=bool))
     local["table"].weight.register_hook(rows.distinct)
-    optimizer = optim.Adagrad(local.parameters(), lr=0.1)
+    optimizer = sparse.Adagrad(local.parameters(), lr=0.1)
     original_step = optimizer.step
 
     def step():  # as the training loop does between the exchange and the step
@@ -79,16 +79,16 @@ def test_a_single_rank_with_every_row_local_steps_like_no_local_rows():
 
     optimizer.step = step
     train(local, optimizer)
-    train(plain, optim.Adagrad(plain.parameters(), lr=0.1))
+    train(plain, sparse.Adagrad(plain.parameters(), lr=0.1))
     assert torch.equal(local["table"].weight, plain["table"].weight)
 
 
 def test_state_round_trips_for_a_resumed_run():
     model = sparse_model()
-    first = optim.Adagrad(model.parameters(), lr=0.1)
+    first = sparse.Adagrad(model.parameters(), lr=0.1)
     train(model, first, steps=3)
     resumed = copy.deepcopy(model)
-    again = optim.Adagrad(resumed.parameters(), lr=0.1)
+    again = sparse.Adagrad(resumed.parameters(), lr=0.1)
     again.load_state_dict(copy.deepcopy(first.state_dict()))  # as read back from a checkpoint file
     train(model, first, steps=2)
     train(resumed, again, steps=2)
@@ -99,7 +99,7 @@ def test_state_round_trips_for_a_resumed_run():
 def test_sparse_gradients_refuse_what_the_kernel_does_not_do(option):
     model = sparse_model()
     before = copy.deepcopy(model)
-    optimizer = optim.Adagrad(model.parameters(), lr=0.1, **option)
+    optimizer = sparse.Adagrad(model.parameters(), lr=0.1, **option)
     with pytest.raises(ValueError, match=next(iter(option))):
         train(model, optimizer, steps=1)
     for name, p in model.named_parameters():  # refused before anything moved
@@ -108,7 +108,7 @@ def test_sparse_gradients_refuse_what_the_kernel_does_not_do(option):
 
 def test_a_copied_optimizer_steps_like_the_original():
     model = sparse_model()
-    optimizer = optim.Adagrad(model.parameters(), lr=0.1)
+    optimizer = sparse.Adagrad(model.parameters(), lr=0.1)
     train(model, optimizer, steps=1)
     model_copy, optimizer_copy = copy.deepcopy((model, optimizer))  # one copy: the optimizer holds the copy's tables
     train(model, optimizer, steps=2)

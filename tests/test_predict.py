@@ -6,8 +6,9 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline import models, predict, recommend, train
+from pipeline import models, predict, recommend
 from pipeline.storage import StageError
+from pipeline.training import train
 
 UNKNOWN = 10_000  # neither a user nor an item id of the synthetic set
 

@@ -8,8 +8,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pipeline import config, ingest, prepare, storage
-from pipeline.frames import dense_ids
+from pipeline import config, storage
+from pipeline.data import ingest, prepare
+from pipeline.data.frames import dense_ids
 from pipeline.storage import StageError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import models, ranking
+from pipeline import models
+from pipeline.training import ranking
 
 
 class OneRank:

@@ -7,9 +7,10 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline import config, evaluate, peers, recommend, scoring, storage, train
+from pipeline import config, evaluate, peers, recommend, scoring, storage
 from pipeline.config import ConfigError
 from pipeline.storage import StageError
+from pipeline.training import train
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,10 @@ import psutil
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import cli, evaluate, predict, prepare, recommend, storage, synth, train, train_loop
+from pipeline import cli, evaluate, predict, recommend, storage
+from pipeline.data import prepare, synth
 from pipeline.storage import StageError
+from pipeline.training import loop, train
 
 STAGES = {  # each stage, called with inputs that do not exist and keyword arguments such as force
     "synth": lambda spark, cfg, missing, out, **kw: synth.generate(spark, cfg.synth, out, **kw),
@@ -86,7 +88,7 @@ def test_a_pickle_planted_in_prepared_data_never_runs(spark, small_mf, tmp_path)
     planted = plant_pickle(data / "train", marker)
     # A rank that opened it anyway would not load the stored schema (petastorm then fails on the file).
     with pytest.raises(Exception) as failure:
-        train_loop.read_shard(f"file://{data / 'train'}", 0, 1)
+        loop.read_shard(f"file://{data / 'train'}", 0, 1)
     assert not marker.exists()
     assert "_common_metadata" in str(failure.value)
     # The driver refuses such a directory before any rank starts, naming the file.

@@ -9,8 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import ingest, storage, synth
+from pipeline import storage
 from pipeline.config import SynthConfig
+from pipeline.data import ingest, synth
 
 SMALL = SynthConfig(users=300, items=120, ratings=6000, rank=4, noise=0.3, seed=3)
 

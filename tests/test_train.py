@@ -12,9 +12,11 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline import config, evaluate, metrics, prepare, storage, synth, train
+from pipeline import config, evaluate, metrics, storage
 from pipeline.config import ConfigError
+from pipeline.data import prepare, synth
 from pipeline.storage import StageError
+from pipeline.training import train
 
 ROOT = Path(__file__).resolve().parents[1]
 SYNTH = ["synth.users=600", "synth.items=300", "synth.ratings=60000", "synth.rank=4", "synth.noise=0.5",

@@ -12,9 +12,10 @@ from pyspark import StorageLevel
 from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
-from pipeline import ingest, storage
+from pipeline import storage
 from pipeline.config import Config, SplitConfig
-from pipeline.frames import dense_ids
+from pipeline.data import ingest
+from pipeline.data.frames import dense_ids
 from pipeline.storage import StageError
 
 log = logging.getLogger(__name__)

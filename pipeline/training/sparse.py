@@ -60,7 +60,7 @@ class Rows:
     `local` (optional, a bool per row) marks the rows that no other rank reads: a user's row when the shards are
     split by user, as prepare writes them. Their gradients need not be exchanged: `distinct` keeps them back, and
     `with_local` adds them to the exchanged gradient, divided by the number of ranks as Horovod's average divides
-    the others. The other ranks' copies of these rows go stale until `train_loop.share_local_rows` copies them
+    the others. The other ranks' copies of these rows go stale until `share_local_rows` copies them
     from their rank."""
 
     def __init__(self, table: torch.Tensor, local: np.ndarray | None = None, ranks: int = 1):

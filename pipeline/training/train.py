@@ -15,7 +15,7 @@ from pipeline import models, storage
 from pipeline.config import Config, ConfigError, TrainConfig
 from pipeline.spark import network_interface
 from pipeline.storage import StageError
-from pipeline.train_loop import load, rank_main, save
+from pipeline.training.loop import load, rank_main, save
 
 log = logging.getLogger(__name__)
 

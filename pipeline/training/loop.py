@@ -18,8 +18,9 @@ import warnings
 import numpy as np
 import torch
 
-from pipeline import metrics, models, optim, ranking, storage
+from pipeline import metrics, models, storage
 from pipeline.storage import filesystem
+from pipeline.training import ranking, sparse
 
 COLUMNS = ("user_idx", "item_idx", "rating")
 
@@ -70,7 +71,7 @@ def make_optimizer(name: str, model, lr: float, weight_decay: float):
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=0.9)
     if name == "adagrad":
-        return optim.Adagrad(groups, lr=lr)
+        return sparse.Adagrad(groups, lr=lr)
     return torch.optim.Adam(groups, lr=lr)
 
 
@@ -144,7 +145,7 @@ def draw_batches(seed: int, n_rows: int, steps: int, batch: int, in_shard_order:
 
 def local_rows_of(hvd, n_rows: int, indices: torch.Tensor, name: str) -> tuple[np.ndarray, torch.Tensor]:
     """(for each row, whether this rank's shard reads it and no other's does; every rank's such rows, in rank
-    order): the local rows of optim.Rows."""
+    order): the local rows of sparse.Rows."""
     here = torch.zeros(n_rows, dtype=torch.int32)
     here[indices] = 1
     local = (here == 1) & (hvd.allreduce(here, op=hvd.Sum, name=name) == 1)
@@ -277,7 +278,7 @@ class RankRun:
             user_tables, item_tables = [*user_tables, model.ranking_user], [*item_tables, model.ranking_item]
         read_by_shard = {id(table): column for tables, column in ((user_tables, train[0]), (item_tables, train[1]))
                          for table in tables}
-        local_rows = []  # (table weight, its optim.Rows, every rank's local rows)
+        local_rows = []  # (table weight, its sparse.Rows, every rank's local rows)
         local_counts = {}  # table name: how many of its rows this rank keeps out of the exchange
         names = {id(module): name for name, module in model.named_modules()}
         for table in embedding_tables(model):
@@ -293,11 +294,11 @@ class RankRun:
                     name = names[id(table)]
                     local, everyones = local_rows_of(hvd, table.num_embeddings, read_by_shard[id(table)],
                                                      f"{name}.readers")
-                    rows = optim.Rows(table.weight, local, self.size)
+                    rows = sparse.Rows(table.weight, local, self.size)
                     local_rows.append((table.weight, rows, everyones))
                     local_counts[name] = int(local.sum())
                 else:
-                    rows = optim.Rows(table.weight)
+                    rows = sparse.Rows(table.weight)
                 table.weight.register_hook(rows.distinct)
         owned = None
         if model.ranking_user is not None:
