@@ -20,7 +20,7 @@ $(AIRFLOW_STAMP): deploy/airflow/install.sh
 # make run DB_URL=postgresql://dmf@127.0.0.1:5432/dmf publishes after the gate (password: PGPASSWORD or ~/.pgpass).
 DB_URL ?=
 run: install
-	$(VENV)/bin/dmf run --config conf/local.yaml $(if $(DB_URL),--set publish.db_url=$(DB_URL))
+	$(VENV)/bin/dmf run $(if $(DB_URL),--set publish.db_url=$(DB_URL))
 
 # PostgreSQL's server binaries and JDBC jar, for tests/test_publish.py (a throwaway server on 127.0.0.1).
 postgres:

@@ -1,10 +1,10 @@
 """This pipeline and Spark MLlib ALS side by side, on the same split of each data set.
 
-    .venv/bin/python benchmarks/bench.py                      # ml-100k and ml-100k-temporal, every model
-    .venv/bin/python benchmarks/bench.py --datasets synth-1m --models mf,two_tower
-    .venv/bin/python benchmarks/bench.py --datasets synth-20m --models mf --set train.epochs=15 \\
+    .venv/bin/python -m benchmarks.bench                      # ml-100k and ml-100k-temporal, every model
+    .venv/bin/python -m benchmarks.bench --datasets synth-1m --models mf,two_tower
+    .venv/bin/python -m benchmarks.bench --datasets synth-20m --models mf --set train.epochs=15 \\
         --set train.l2=0.05                                   # the commands behind the README's table
-    .venv/bin/python benchmarks/bench.py --input ~/Downloads/ml-1m.zip --config conf/ml-1m.yaml
+    .venv/bin/python -m benchmarks.bench --input ~/Downloads/ml-1m.zip --config conf/ml-1m.yaml
 
 Each data set is prepared once (one split). ALS is searched over rank x regParam x maxIter on the
 validation split and its best setting reported; mf, dmf, neumf and two_tower train with the tuned settings
@@ -28,14 +28,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import ROOT, WORK, machine, ml20m_sized
-from prepare_bench import PeakMemory
 from pyspark.ml.recommendation import ALS
-from recommend_bench import timed
 
-from pipeline import config, evaluate, metrics, recommend, scoring, storage
+from benchmarks.common import ROOT, WORK, machine, ml20m_sized, render
+from benchmarks.prepare_bench import PeakMemory
+from benchmarks.recommend_bench import timed
+from pipeline import artifacts, config, evaluate, metrics, recommend, storage
 from pipeline.config import TrainConfig
 from pipeline.data import prepare
+from pipeline.scoring import topk
 from pipeline.spark import session
 from pipeline.training import train
 
@@ -44,8 +45,11 @@ CONF = str(ROOT / "conf" / "ml-100k.yaml")
 # name -> (config file, overrides, source: a MovieLens path or a number of synthetic ratings)
 # The synthetic sets have ML-20M's catalog: there the models take the plain mf settings tuned on ml-100k
 # (L2 0.1; the item history, which the 0.2 goes with, is off on catalogs this big), ALS's rank, and the
-# batch of the throughput benchmark.
-BIG_CATALOG = ["train.user_dim=32", "train.item_dim=32", "train.l2=0.1", "train.batch_size=32768"]
+# batch of the throughput benchmark, with sparse gradients and Adagrad (a dense allreduce of ML-20M-sized
+# tables, 165K rows, ran at 6.5K samples/s on 2 ranks here against 150K sparse, with the same RMSE; dmf's
+# tuned Adam cannot take sparse gradients). These overrides are all a model runs with beyond its config.
+BIG_CATALOG = ["train.user_dim=32", "train.item_dim=32", "train.l2=0.1", "train.batch_size=32768",
+               "train.optimizer=adagrad", "train.lr=0.05", "train.sparse_gradients=true", "train.item_history=false"]
 DATASETS = {
     "ml-100k": (CONF, [], ML100K),
     "ml-100k-temporal": (CONF, ["prepare.split.method=user_temporal"], ML100K),
@@ -56,9 +60,6 @@ DATASETS = {
 ALS_GRIDS = {"full": list(itertools.product((32, 64, 128), (0.05, 0.1, 0.15), (10, 15, 20))),
              "small": list(itertools.product((32,), (0.05, 0.1, 0.2, 0.4), (10,)))}
 BIG = 500_000  # training ratings from which --als-grid auto means small and --repeat defaults to 1
-# users + items above which the models train with sparse gradients: a dense allreduce of ML-20M-sized
-# tables (165K rows) ran at 6.5K samples/s on 2 ranks here against 150K sparse, with the same RMSE.
-SPARSE_ABOVE = 20_000
 ANCHORS = [  # published, not measured here
     ("Surprise SVD", "ML-100K", "RMSE 0.934", "5-fold cross-validation (Surprise's benchmark table)"),
     ("GLocal-K", "ML-100K", "RMSE 0.889", "the u1.base / u1.test split (Han et al., CIKM 2021)"),
@@ -105,10 +106,10 @@ def als_ranking(model, data_dir: str, data: dict, k: int, relevant_rating: float
     rating for; relevant: validation rating >= relevant_rating), from ALS's unclipped scores u.v."""
     users = torch.from_numpy(_factors(model.userFactors, data["counts"]["users"]))
     items = torch.from_numpy(_factors(model.itemFactors, data["counts"]["items"]))
-    seen = recommend.seen_items(data_dir, data, ("train",))
-    valid = train.read_table(data_dir, data, "valid")
+    seen = artifacts.seen_items(data_dir, data, ("train",))
+    valid = artifacts.read_table(data_dir, data, "valid")
     truth = valid[valid.rating >= relevant_rating].groupby("user_idx").item_idx.apply(set)
-    lists = scoring.top_lists(lambda block: users[block] @ items.T, truth.index.to_numpy(), seen, k)
+    lists = topk.top_lists(lambda block: users[block] @ items.T, truth.index.to_numpy(), seen, k)
     return metrics.ranking_metrics(lists, list(truth), k)
 
 
@@ -187,18 +188,11 @@ def run_model(spark, cfg, data_dir: str, repeat: int, work: str) -> dict:
             "curve": [[float(s), h["valid_rmse"]] for s, h in zip(elapsed, history)]}
 
 
-def model_config(conf: str | None, overrides: list[str], model: str, sparse: bool, work: str):
+def model_config(conf: str | None, overrides: list[str], model: str, work: str):
     settings = [*overrides, f"train.model={model}"]
-    tuned = config.load(conf, settings).train
-    if tuned.init_from:
+    if config.load(conf, settings).train.init_from:
         # The config's init_from is where a plain run leaves its mf; here it is the mf this bench trained.
         settings.append(f"train.init_from={model_dir(work, 'mf')}")
-    if sparse:
-        # Adam takes dense gradients only: a model tuned with it takes the other models' Adagrad settings.
-        # The item history needs the dense allreduce too: these catalogs train without it.
-        adam = tuned.optimizer == "adam"
-        settings += [*(["train.optimizer=adagrad", "train.lr=0.05"] if adam else []), "train.sparse_gradients=true",
-                     "train.item_history=false"]
     return config.load(conf, settings)
 
 
@@ -206,8 +200,7 @@ def bench_dataset(spark, name: str, conf: str | None, overrides: list[str], data
                   grid: list, repeat: int, work: str) -> dict:
     """ALS (searched over `grid`) and each model on the prepared split in data_dir: one result row each."""
     data = storage.read_manifest(data_dir, "prepare")
-    sparse = data["counts"]["users"] + data["counts"]["items"] > SPARSE_ABOVE
-    configs = [model_config(conf, overrides, model, sparse, f"{work}/{name}") for model in models]
+    configs = [model_config(conf, overrides, model, f"{work}/{name}") for model in models]
     for n, (model, cfg_model) in enumerate(zip(models, configs)):  # before the minutes of the ALS search
         if cfg_model.train.init_from and "mf" not in models[:n]:
             raise SystemExit(f"{model} starts from this run's mf (train.init_from in {conf}): list mf before it "
@@ -362,77 +355,28 @@ def plots(results: dict, folder: Path) -> list[str]:
 
 
 def document(results: dict, out: Path) -> str:
-    folder = out.parent / "benchmarks"
-    notes = plots(results, folder)
-    lines = ["# This pipeline against Spark MLlib ALS\n",
-             "Written by `benchmarks/bench.py` (the commands are given per data set). Every number below was "
-             "measured on the machine named with it, except the section marked *published, not measured here*.\n",
-             "Top-N lists against most popular, EASE and Spark ALS with implicitPrefs, ordered by the model's ranking "
-             "score: `docs/benchmarks/topn.md` (`benchmarks/topn_bench.py`). The NDCG@10 and recall@10 in the tables "
-             "below are those of the lists each run ordered as its model did when it was measured (by predicted "
-             "rating in the runs of 2026-11-27, before models had a ranking score).\n",
-             "## How\n",
-             "- One split per data set, prepared once by `dmf prepare`; every method trains on its `train/` and is "
-             "measured on its `valid/` (which has no cold-start rows: prepare moves them to `rejected/`).",
-             "- **ALS** (`pyspark.ml.recommendation.ALS`, explicit ratings): grid of rank x regParam x maxIter, each "
-             "fitted on train and scored on the validation split; the best by validation RMSE is reported. "
-             "Predictions are clipped to the rating scale; `coldStartStrategy=\"nan\"` and the run fails if any "
-             "validation row lacks a prediction, so no row is dropped from the metric. Its NDCG@10 and recall@10 "
-             "rank every item the user has no training rating for by the unclipped score u.v. Spark's ALS has no "
-             "user or item bias terms (ALS-WR: regParam scaled by each row's number of ratings); mf has both.",
-             "- **This pipeline**: mf, dmf, neumf and two_tower with the settings of the config file (`models:` "
-             "section; tuned on ml-100k's uniform split by `benchmarks/search.py`, used as they are on the other "
-             "sets), trained by `train.train` on 2 Horovod ranks to early stopping, measured by "
-             "`evaluate.evaluate` and timed in `recommend.recommend`. On catalogs of more than "
-             f"{SPARSE_ABOVE:,} users + items they train with `train.sparse_gradients=true` (same numbers; "
-             "docs/benchmarks/train-throughput.md compares it with the dense allreduce), and dmf, whose "
-             "tuned Adam cannot take sparse gradients, with Adagrad at lr 0.05 like the other models; the "
-             "settings column shows what each model ran with. dmf starts from the mf trained before it on the "
-             "same split (`train.init_from`, which conf/ml-100k.yaml sets), so its train s leaves out the mf's. "
-             "The synthetic sets' tables have no dmf or neumf "
-             "rows: exact full-catalog ranking by an MLP scores 3.7 billion pairs there, and evaluate alone had "
-             "not finished after 13 minutes on 2 CPU cores (the two-stage `dmf recommend --candidates` is the "
-             "way to serve them at that size: docs/benchmarks/recommend.md).",
-             "- Metrics (pipeline.metrics, for both sides): validation RMSE and MAE; NDCG@10 and recall@10 over the "
-             "full catalog, with the items the user has no training rating for as candidates and validation "
-             "ratings >= 4 as relevant, averaged over users with a relevant item.",
-             "- **train s**: wall time of `train.train` (Horovod start, reading shards, every epoch to early "
-             "stopping, publishing) or of `ALS.fit` for the best setting; median (min-max) over the repetitions. "
-             "**s to ALS's RMSE**: from the train manifest's per-epoch history (start-up included), the training "
-             "time after which the validation RMSE first reached ALS's best. **train samples/s**: the median over "
-             "epochs of the history's samples/s; for ALS, training ratings x maxIter / fit seconds.",
-             "- **recommend-all s**: `recommend.recommend` (top 10 unseen items for every user, ids and titles "
-             "joined, written to Parquet) against `recommendForAllUsers(10)` written to Parquet, which does not "
-             "remove rated items (less work).",
-             "- **peak GiB**: resident memory of this process and its children (Spark JVM, Python workers, Horovod "
-             "ranks), sampled every 0.5 s while that method trained, was measured and recommended. The JVM is "
-             "shared and keeps the heap it grew, so a method can inherit an earlier method's peak.\n"]
+    notes = plots(results, out.parent / "benchmarks")
+    sections = []
     for r in results.values():
         c, split = r["counts"], r["split"]
-        lines += [f"## {r['name']}\n",
-                  f"`{r['command']}`, {r['date']}. Machine: {r['machine']}.\n",
-                  f"{c['users']:,} users x {c['items']:,} items, {c['train']:,} training and {c['valid']:,} "
-                  f"validation ratings; split {split.get('method', '?')} (fraction {split.get('fraction', '?')}, "
-                  f"seed {split.get('seed', '?')}); {'real' if r['real'] else 'synthetic'} data; "
-                  f"{r['repeat']} repetition(s) of each timing; config "
-                  f"{Path(r['conf']).name if r['conf'] else 'defaults'}"
-                  + (f" with {' '.join(r['overrides'])}" if r["overrides"] else "") + ".\n",
-                  table(r), "",
-                  f"ALS grid ({len(r['als_grid'])} settings): "
-                  + "; ".join(f"rank {g['rank']} / reg {g['reg']} / {g['iters']} it: {g['rmse']:.4f} "
-                              f"({g['seconds']:.0f} s)" for g in sorted(r["als_grid"], key=lambda g: g["rmse"]))
-                  + (". On the edge of the grid: " + "; ".join(grid_edges(r["als_grid"])) if grid_edges(r["als_grid"])
-                     else "") + ".\n"]
-    lines += ["## Claims\n", "From the tables above; a data set that was not run is named as such.\n",
-              *claims(results), "",
-              "## Published anchors (published, not measured here)\n",
-              "Other protocols, other splits, other machines: for orientation, not comparable number for number.\n",
-              "| method | data | published figure | protocol |", "| --- | --- | --- | --- |",
-              *[f"| {a} | {b} | {c} (published, not measured here) | {d} |" for a, b, c, d in ANCHORS], "",
-              "## Plots\n", "![validation RMSE against training time](benchmarks/rmse_vs_time.png)\n",
-              "Validation RMSE against training seconds: each model's per-epoch history, each ALS grid fit, "
-              "and ALS's best.\n", *notes, ""]
-    return "\n".join(lines)
+        sections += [f"## {r['name']}\n",
+                     f"`{r['command']}`, {r['date']}. Machine: {r['machine']}.\n",
+                     f"{c['users']:,} users x {c['items']:,} items, {c['train']:,} training and {c['valid']:,} "
+                     f"validation ratings; split {split.get('method', '?')} (fraction {split.get('fraction', '?')}, "
+                     f"seed {split.get('seed', '?')}); {'real' if r['real'] else 'synthetic'} data; "
+                     f"{r['repeat']} repetition(s) of each timing; config "
+                     f"{Path(r['conf']).name if r['conf'] else 'defaults'}"
+                     + (f" with {' '.join(r['overrides'])}" if r["overrides"] else "") + ".\n",
+                     table(r), "",
+                     f"ALS grid ({len(r['als_grid'])} settings): "
+                     + "; ".join(f"rank {g['rank']} / reg {g['reg']} / {g['iters']} it: {g['rmse']:.4f} "
+                                 f"({g['seconds']:.0f} s)" for g in sorted(r["als_grid"], key=lambda g: g["rmse"]))
+                     + (". On the edge of the grid: " + "; ".join(grid_edges(r["als_grid"]))
+                        if grid_edges(r["als_grid"]) else "") + ".\n"]
+    return render("BENCHMARKS.md", datasets="\n".join(sections), claims="\n".join(claims(results)),
+                  anchors="\n".join(f"| {a} | {b} | {c} (published, not measured here) | {d} |"
+                                     for a, b, c, d in ANCHORS),
+                  notes="\n".join(notes))
 
 
 def readme_summary(results: dict) -> str:
@@ -502,11 +446,10 @@ def main() -> None:
     data_dirs = dict(item.split("=", 1) for item in args.data_dir)
     first = next(iter(todo.values()))[0]
     spark = session(config.load(first, [f"spark.conf.spark.driver.memory={args.driver_memory}"]).spark)
-    spark.conf.set("spark.sql.execution.arrow.pyspark.enabled", "true")
     # ALS truncates its lineage every checkpointInterval (10) iterations only when a checkpoint directory is
     # set; without one, 20 iterations overflow the JVM stack when a task is serialized.
     spark.sparkContext.setCheckpointDir(f"{args.work}/als-checkpoints")
-    command = " ".join(shlex.quote(a) for a in [".venv/bin/python", "benchmarks/bench.py", *sys.argv[1:]])
+    command = " ".join(shlex.quote(a) for a in [".venv/bin/python", "-m", "benchmarks.bench", *sys.argv[1:]])
     for name, (conf, overrides, source) in todo.items():
         started = time.time()
         data_dir = data_dirs.get(name) or prepared(spark, name, source, config.load(conf, overrides), args.work)

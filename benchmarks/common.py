@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import platform
+import string
 from pathlib import Path
 
 import psutil
@@ -32,3 +33,8 @@ def machine() -> str:
     return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
             f"{psutil.virtual_memory().total / 2**30:.0f} GiB, {device}; load average {os.getloadavg()[0]:.1f} "
             f"at the start (the machine is shared: compare ratios within one run)")
+
+
+def render(template: str, **values: str) -> str:
+    """A document of benchmarks/templates/, its $names replaced by the values."""
+    return string.Template((ROOT / "benchmarks" / "templates" / template).read_text()).substitute(values)

@@ -1,6 +1,6 @@
 """Prepare throughput: `dmf prepare` on a synthetic set in local mode, with rows/s and peak memory.
 
-    .venv/bin/python benchmarks/prepare_bench.py --ratings 20000000 --users 138000 --items 27000
+    .venv/bin/python -m benchmarks.prepare_bench --ratings 20000000 --users 138000 --items 27000
 
 Prints the figures and appends them to docs/benchmarks/prepare.md. The synthetic input
 (WORK/synth-20m for 20M ratings) is generated once per size and reused, and the prepared output
@@ -99,7 +99,7 @@ def main() -> None:
     load_after = os.getloadavg()
     rows = manifest["counts"]["input_rows"]
     load = " / ".join(" ".join(f"{x:.1f}" for x in avg) for avg in (load_before, load_after))
-    command = " ".join(shlex.quote(a) for a in [".venv/bin/python", "benchmarks/prepare_bench.py", *sys.argv[1:]])
+    command = " ".join(shlex.quote(a) for a in [".venv/bin/python", "-m", "benchmarks.prepare_bench", *sys.argv[1:]])
     line = (f"| {dt.date.today()} | {rows:,} | {manifest['counts']['users']:,} | {manifest['counts']['items']:,} | "
             f"{args.master} | {seconds:.1f} | {rows / seconds:,.0f} | {cpu:.0f} | {memory.peak / 2**30:.2f} | "
             f"{load} | `{command}` |")
@@ -107,7 +107,7 @@ def main() -> None:
           f"{memory.peak / 2**30:.2f} GiB (driver, JVM and workers), load average (1, 5, 15 min) {load} before / after")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    header = ("# prepare benchmark\n\nWritten by `benchmarks/prepare_bench.py`. Machine: "
+    header = ("# prepare benchmark\n\nWritten by `python -m benchmarks.prepare_bench`. Machine: "
               f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
               f"{psutil.virtual_memory().total / 2**30:.0f} GiB.\n\n"
               "| date | input rows | users | items | master | seconds | rows/s | CPU s | peak memory GiB "

@@ -1,7 +1,7 @@
 """`dmf publish` time, and lookups against the published table from a pool of connections, on an ML-20M-sized
 recommendations table (138,000 users x 10 rows, synthetic rows in Parquet).
 
-    .venv/bin/python benchmarks/publish_bench.py
+    .venv/bin/python -m benchmarks.publish_bench
 
 Without --db-url it starts a throwaway PostgreSQL server on 127.0.0.1 (tests/postgres.py; as root it runs as the
 `postgres` user) with its default settings. Each publish is timed from the call to the swapped-in table, the
@@ -13,21 +13,18 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import threading
 import time
 from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
-from common import ROOT, WORK, machine
 
+from benchmarks.common import ROOT, WORK, machine
 from pipeline import publish, storage
 from pipeline.config import SparkConfig
 from pipeline.spark import session
-
-sys.path.insert(0, str(ROOT / "tests"))
-from postgres import synthetic_recommendations, temporary_server
+from tests.postgres import synthetic_recommendations, temporary_server
 
 
 def lookups(url: str, table: str, users: int, threads: int, until) -> tuple[np.ndarray, int]:
@@ -112,7 +109,7 @@ def main() -> None:
 
     source = f"--db-url {args.db_url}" if args.db_url else "(a throwaway PostgreSQL server)"
     lines = ["# publish benchmark\n",
-             (f"Written by `benchmarks/publish_bench.py --users {args.users} --top-n {args.top_n} --threads "
+             (f"Written by `python -m benchmarks.publish_bench --users {args.users} --top-n {args.top_n} --threads "
               f"{args.threads} --seconds {args.seconds:g}` {source}. Machine: {machine()}.\n"),
              (f"Data: {args.users:,} users x {args.top_n} rows = {rows:,} rows of synthetic recommendations in "
               f"Parquet; Spark local[2] writes them through the JDBC writer (PostgreSQL JDBC "

@@ -1,7 +1,7 @@
 """Recommend-for-all-users time: `dmf recommend` (mf and dmf) against MLlib ALS `recommendForAllUsers`
 with the same rank, on the same ML-20M-sized synthetic set, in the same Spark session.
 
-    .venv/bin/python benchmarks/recommend_bench.py --ratings 20000000
+    .venv/bin/python -m benchmarks.recommend_bench --ratings 20000000
 
 The models are trained briefly first (accuracy does not change scoring time); ALS is fitted with a few
 iterations for the same reason. Both sides write their top-N to Parquet, which is what is timed. ALS
@@ -16,9 +16,9 @@ import statistics
 import time
 from pathlib import Path
 
-from common import ROOT, WORK, machine, ml20m_sized
 from pyspark.ml.recommendation import ALS
 
+from benchmarks.common import ROOT, WORK, machine, ml20m_sized
 from pipeline import config, recommend, storage
 from pipeline.spark import session
 from pipeline.training import train
@@ -92,7 +92,7 @@ def main() -> None:
     print(rows[-1], flush=True)
     als_median = statistics.median(rows[-1][1])
     source = f"--data {args.data}" if args.data else f"--ratings {args.ratings}"
-    lines = ["# recommend benchmark\n", f"Written by `benchmarks/recommend_bench.py {source} --rank {args.rank} "
+    lines = ["# recommend benchmark\n", f"Written by `python -m benchmarks.recommend_bench {source} --rank {args.rank} "
              f"--models {args.models} --candidates {args.candidates} --repeat {args.repeat}`. Machine: {machine()}.\n",
              f"Data: {counts['users']:,} users x {counts['items']:,} items, {counts['train']:,} training ratings; "
              f"top {args.top_n} for every user, rank {args.rank}, Spark local[2]; ALS fitted with "

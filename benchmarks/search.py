@@ -1,7 +1,7 @@
 """A small grid search of training hyper-parameters, scored by validation RMSE (or, with --sort ndcg, by the
 ranking score's validation NDCG@k) on one prepared split.
 
-    python benchmarks/search.py --config conf/ml-100k.yaml --data work/prepared/ml-100k \
+    python -m benchmarks.search --config conf/ml-100k.yaml --data work/prepared/ml-100k \
         --grid benchmarks/grids/ml-100k.yaml --out docs/benchmarks/search-ml-100k.md
 
 Each setting trains in this process as one Horovod rank that stands in for `train.num_proc` ranks: the
@@ -108,7 +108,7 @@ def main() -> None:
     print(text)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        command = f"python benchmarks/search.py --config {args.config} --data {args.data} --grid {args.grid}" + \
+        command = f"python -m benchmarks.search --config {args.config} --data {args.data} --grid {args.grid}" + \
             "".join(f" --set {s}" for s in args.set) + (" --sort ndcg" if args.sort == "ndcg" else "")
         Path(args.out).write_text(f"# Hyper-parameter search on {data['dataset']}\n\n"
                                   f"Measured with `{command}`; validation split of {args.data} "

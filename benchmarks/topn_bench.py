@@ -2,8 +2,8 @@
 implicit preferences, each searched on the validation split, judged by the same pipeline.metrics functions
 (relevant: a validation rating >= evaluate.relevant_rating; candidates: every item without a training rating).
 
-    .venv/bin/python benchmarks/topn_bench.py                         # ml-100k, uniform and per-user temporal
-    .venv/bin/python benchmarks/topn_bench.py --input ~/Downloads/ml-1m.zip --config conf/ml-1m.yaml
+    .venv/bin/python -m benchmarks.topn_bench                         # ml-100k, uniform and per-user temporal
+    .venv/bin/python -m benchmarks.topn_bench --input ~/Downloads/ml-1m.zip --config conf/ml-1m.yaml
 
 Writes docs/benchmarks/topn.md. The model's and the peers' rows come from `evaluate.evaluate` (the report
 `dmf evaluate` writes); the ALS rows from bench.py's ALS code with implicitPrefs=True.
@@ -19,11 +19,12 @@ import time
 from pathlib import Path
 
 import torch
-from bench import ML100K, _factors, prepared
-from common import ROOT, WORK, machine
 from pyspark.ml.recommendation import ALS
 
-from pipeline import config, evaluate, peers, recommend, scoring, storage
+from benchmarks.bench import ML100K, _factors, prepared
+from benchmarks.common import ROOT, WORK, machine
+from pipeline import artifacts, config, evaluate, peers, storage
+from pipeline.scoring import topk
 from pipeline.spark import session
 from pipeline.training import train
 
@@ -37,10 +38,10 @@ ALS_ITERS = 15
 def als_implicit(spark, data_dir: str, data: dict, k: int, relevant_rating: float) -> dict:
     """The best NDCG@k of ALS implicitPrefs=True over ALS_GRID, judged on evaluate's users and items."""
     train_df = spark.read.parquet(f"{data_dir.rstrip('/')}/{data['paths']['train']}").persist()
-    seen = recommend.seen_items(data_dir, data, ("train",))
-    valid = train.read_table(data_dir, data, "valid")
+    seen = artifacts.seen_items(data_dir, data, ("train",))
+    valid = artifacts.read_table(data_dir, data, "valid")
     truth = valid[valid.rating >= relevant_rating].groupby("user_idx").item_idx.apply(set)
-    counts = train.read_table(data_dir, data, "items").sort_values("item_idx").train_count.to_numpy()
+    counts = artifacts.read_table(data_dir, data, "items").sort_values("item_idx").train_count.to_numpy()
     users, relevant = truth.index.to_numpy(), list(truth)
     best, tried = None, []
     for rank, reg, alpha in ALS_GRID:
@@ -50,7 +51,7 @@ def als_implicit(spark, data_dir: str, data: dict, k: int, relevant_rating: floa
         seconds = time.time() - started
         u = torch.from_numpy(_factors(model.userFactors, data["counts"]["users"]))
         v = torch.from_numpy(_factors(model.itemFactors, data["counts"]["items"]))
-        result = peers.judged(scoring.top_lists(lambda block: u[block] @ v.T, users, seen, k), relevant, k, counts)
+        result = peers.judged(topk.top_lists(lambda block: u[block] @ v.T, users, seen, k), relevant, k, counts)
         row = {**result, "settings": f"rank {rank}, regParam {reg:g}, alpha {alpha:g}, maxIter {ALS_ITERS}",
                "seconds": seconds}
         tried.append(row)
@@ -112,7 +113,7 @@ def main() -> None:
     rows = []
     for name, (overrides, source) in todo.items():
         rows += rows_for(spark, name, args.config, overrides, source, args.work)
-    command = " ".join(shlex.quote(a) for a in [".venv/bin/python", "benchmarks/topn_bench.py", *sys.argv[1:]])
+    command = " ".join(shlex.quote(a) for a in [".venv/bin/python", "-m", "benchmarks.topn_bench", *sys.argv[1:]])
     text = document(rows, command)
     Path(args.out).write_text(text)
     print(text)

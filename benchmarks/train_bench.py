@@ -1,8 +1,8 @@
 """Training throughput of `dmf train` on ML-20M-sized tables (138K users, 27K items), and whether the
 allreduce variants reach the same accuracy.
 
-    .venv/bin/python benchmarks/train_bench.py                # samples/s table
-    .venv/bin/python benchmarks/train_bench.py --accuracy-data work/prepared/ml-100k --config conf/ml-100k.yaml \\
+    .venv/bin/python -m benchmarks.train_bench                # samples/s table
+    .venv/bin/python -m benchmarks.train_bench --accuracy-data work/prepared/ml-100k --config conf/ml-100k.yaml \\
         --models mf --optimizers adagrad --set train.item_history=false    # same accuracy?
 
 Throughput: each variant (model x optimizer x dense allreduce, fp16-compressed allreduce, or sparse
@@ -22,9 +22,11 @@ import time
 from pathlib import Path
 
 import torch
-from common import ROOT, WORK, machine, ml20m_sized
 
-from pipeline import config, models, storage
+from benchmarks.common import ROOT, WORK, machine, ml20m_sized
+from pipeline import artifacts, config, storage
+from pipeline.models import registry
+from pipeline.models.spec import ModelSpec
 from pipeline.spark import session
 from pipeline.training import train
 
@@ -41,10 +43,10 @@ def overrides(optimizer: str, gradients: str) -> list[str]:
 def plain_loop(n_users: int, n_items: int, dim: int, batch: int, steps: int = 20) -> float:
     """samples/s of the simplest single-process loop: mf, Adam, random pairs, no Horovod, no Spark."""
     torch.manual_seed(0)
-    spec = {"model": "mf", "n_users": n_users, "n_items": n_items, "user_dim": dim, "item_dim": dim, "hidden": [],
-            "dropout": 0.0, "batch_norm": False, "head": "regression", "rating_levels": [1, 2, 3, 4, 5],
-            "global_mean": 3.5, "n_genres": 0, "max_genres": 0}
-    model = models.build(spec)
+    spec = ModelSpec(model="mf", n_users=n_users, n_items=n_items, user_dim=dim, item_dim=dim, hidden=[], dropout=0.0,
+                     batch_norm=False, head="regression", rating_levels=[1, 2, 3, 4, 5], global_mean=3.5, n_genres=0,
+                     max_genres=0)
+    model = registry.build(spec)
     opt = torch.optim.Adam(model.parameters(), lr=0.001)
     u, i = torch.randint(n_users, (batch * steps,)), torch.randint(n_items, (batch * steps,))
     r = torch.randint(1, 6, (batch * steps,)).float()
@@ -82,7 +84,7 @@ def _allgather_rows(rows: list[int], dim: int, steps: int) -> float:
 
 def batch_rows(data: str, manifest: dict, batch: int) -> tuple[int, int]:
     """Distinct users and items in a random batch of training pairs."""
-    pairs = train.read_table(data, manifest, "train", ["user_idx", "item_idx"]).sample(batch, random_state=0)
+    pairs = artifacts.read_table(data, manifest, "train", ["user_idx", "item_idx"]).sample(batch, random_state=0)
     return pairs.user_idx.nunique(), pairs.item_idx.nunique()
 
 
@@ -103,7 +105,7 @@ def main() -> None:
     parser.add_argument("--gradients", default="dense,fp16,sparse", help="the variants of these exchanges only")
     parser.add_argument("--ranking-dims", default="0,64",
                         help="train.ranking_dim of each throughput run: 0 is the rating objective alone, more adds "
-                             "the ranking objective's tables (pipeline.ranking)")
+                             "the ranking objective's tables (pipeline.training.ranking)")
     parser.add_argument("--accuracy-data", help="a prepared real split: train each variant to early stopping")
     parser.add_argument("--config", help="config for the accuracy runs (e.g. conf/ml-100k.yaml)")
     parser.add_argument("--set", action="append", default=[],
@@ -114,10 +116,10 @@ def main() -> None:
     args = parser.parse_args()
     variants = [v for v in VARIANTS if v[0] in args.optimizers.split(",") and v[1] in args.gradients.split(",")]
     spark = session(config.load().spark)
-    lines = [f"# training benchmark\n\nWritten by `benchmarks/train_bench.py`. Machine: {machine()}.\n"]
+    lines = [f"# training benchmark\n\nWritten by `python -m benchmarks.train_bench`. Machine: {machine()}.\n"]
     if args.accuracy_data:
         lines += [f"## Accuracy of the gradient exchange variants on {args.accuracy_data}\n",
-                  f"`{' '.join(shlex.quote(a) for a in ['benchmarks/train_bench.py', *sys.argv[1:]])}`, "
+                  f"`{' '.join(shlex.quote(a) for a in ['-m', 'benchmarks.train_bench', *sys.argv[1:]])}`, "
                   "2 ranks, trained to early stopping.\n",
                   "| model | optimizer | gradients | valid RMSE | best epoch | seconds |",
                   "| --- | --- | --- | --- | --- | --- |"]
@@ -138,8 +140,8 @@ def main() -> None:
         exchange = exchange_alone([items], args.dim)  # users' rows stay on their rank: the shards split by user
         lines += [f"## Throughput on {n_users:,} users x {n_items:,} items ({manifest['counts']['train']:,} "
                   f"training ratings), embeddings of {args.dim}\n",
-                  f"`benchmarks/train_bench.py --batch {args.batch} --epochs {args.epochs}`: batch {args.batch:,} "
-                  f"per rank. Reference, a plain single-process PyTorch loop (mf, Adam, batch "
+                  f"`python -m benchmarks.train_bench --batch {args.batch} --epochs {args.epochs}`: batch "
+                  f"{args.batch:,} per rank. Reference, a plain single-process PyTorch loop (mf, Adam, batch "
                   f"{2 * args.batch:,}): {reference:,.0f} samples/s.\n",
                   f"The exchange alone: a batch of {args.batch:,} pairs touches {users:,} users, whose rows stay on "
                   f"their rank under sparse gradients (prepare splits the shards by user), and {items:,} items; "

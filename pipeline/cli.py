@@ -7,6 +7,7 @@ import sys
 
 from pipeline import config as config_mod
 from pipeline.config import ConfigError
+from pipeline.models.spec import KINDS
 from pipeline.storage import StageError
 
 log = logging.getLogger("pipeline")
@@ -47,7 +48,7 @@ STAGE_FLAGS = {
     },
 }
 TRAIN_FLAGS = {
-    "--model": ("train.model", str, "mf, dmf, neumf or two_tower"),
+    "--model": ("train.model", str, ", ".join(KINDS)),
     "--num-proc": ("train.num_proc", int, "Horovod ranks (one per GPU on a cluster, CPU processes on a laptop)"),
     "--epochs": ("train.epochs", int, "maximum epochs (early stopping may end sooner)"),
     "--lr": ("train.lr", float, "learning rate for one rank"),
@@ -118,7 +119,9 @@ def parser() -> argparse.ArgumentParser:
         p = commands.add_parser(name, help=HELP[name], description=HELP[name])
         # After the command name too (jobs/ put theirs there); SUPPRESS leaves the top-level value unless given.
         p.add_argument("--log-level", default=argparse.SUPPRESS, **LOG_LEVEL)
-        p.add_argument("--config", help="YAML config (see conf/); the built-in defaults are conf/local.yaml")
+        p.add_argument("--config", help="YAML config (see conf/); without one, the built-in defaults")
+        p.add_argument("--print-config", action="store_true",
+                       help="print the config this command would run with (file, --set and flags resolved) and exit")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override one config key, e.g. --set train.lr=0.005 (repeatable)")
         _command_options(p, name)
@@ -216,6 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("pipeline").setLevel(args.log_level)
     try:
         cfg = load_config(args)
+        if args.print_config:
+            print(config_mod.dump(cfg), end="")
+            return 0
         from pipeline import stages  # imports Spark; kept out of --help and config errors
 
         print(stages.COMMANDS[args.command](cfg, args))

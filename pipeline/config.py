@@ -14,6 +14,7 @@ import yaml
 from pydantic import BeforeValidator, ConfigDict, Field, ValidationError
 from pydantic.dataclasses import dataclass
 
+from pipeline.models.spec import ModelName, check_settings
 from pipeline.storage import filesystem
 
 # Lax mode: YAML's 1 is a valid float and --set's "8" a valid int; strict mode would refuse nested mappings.
@@ -51,7 +52,7 @@ class SynthConfig:
     rank: Positive = 8
     noise: float = Field(0.5, ge=0)
     half_stars: bool = False
-    # How strongly the planted factors decide which items a user rates (see pipeline.synth.pick); 0: popularity
+    # How strongly the planted factors decide which items a user rates (pipeline.data.synth.pick); 0: popularity
     # alone, so that no ranking model can beat most-popular.
     choice: float = Field(1.5, ge=0)
     seed: Seed = 42
@@ -81,7 +82,7 @@ class PrepareConfig:
 
 @dataclass(config=SETTINGS)
 class TrainConfig:
-    model: Literal["mf", "dmf", "neumf", "two_tower"] = "mf"
+    model: ModelName = "mf"
     user_dim: Positive = 32
     item_dim: Positive = 32
     hidden: list[Positive] = Field(default_factory=lambda: [64, 32])
@@ -89,7 +90,7 @@ class TrainConfig:
     batch_norm: bool = False
     head: Literal["regression", "softmax"] = "regression"
     genres: bool = False  # item genres as side features
-    item_history: bool = False  # each item's training ratings as a side feature (see pipeline.models)
+    item_history: bool = False  # each item's training ratings as a side feature (see pipeline.models.base)
     history_l2: float = Field(0.05, ge=0)  # L2 on the rater vectors of the item history, per epoch
     history_size: NonNegative = 256  # raters an item's history keeps at most (a seeded sample); 0: all of them
     l2: float = Field(0.05, ge=0)  # on the embedding rows that appear in a batch
@@ -108,15 +109,15 @@ class TrainConfig:
     fp16_allreduce: bool = False
     threads_per_rank: NonNegative = 0  # 0: the machine's cores divided by the ranks on it
     init_from: str | None = None  # a model trained on the same prepared data: parameters of the same name start from it
-    # The ranking score that orders the top-N (pipeline.ranking): its tables' dimension (0: none, and the lists
-    # are ordered by predicted rating), the weight of every pair the user did not pick, the L2 on its tables, and
-    # which training ratings count as picks (all, or those above the training mean). The defaults are the best of
+    # The ranking score that orders the top-N (pipeline.training.ranking): its tables' dimension (0: none, and the
+    # lists are ordered by predicted rating), the weight of every pair the user did not pick, the L2 on its tables,
+    # and which training ratings count as picks (all, or those above the training mean). The defaults are the best of
     # docs/benchmarks/search-ml-100k-ranking.md: Hu et al.'s confidence-weighted picks with Spark ALS's L2.
     ranking_dim: NonNegative = 64
-    ranking_loss: Literal["all_pairs", "softmax"] = "all_pairs"  # see pipeline.ranking
+    ranking_loss: Literal["all_pairs", "softmax"] = "all_pairs"  # see pipeline.training.ranking
     ranking_unobserved: float = Field(1.0, gt=0)
     ranking_l2: float = Field(0.1, ge=0)
-    ranking_l2_exponent: float = Field(1.0, ge=0, le=1)  # 1: a row's L2 grows with its ratings (pipeline.ranking)
+    ranking_l2_exponent: float = Field(1.0, ge=0, le=1)  # 1: a row's L2 grows with its ratings (see ranking)
     ranking_popularity_exponent: float = Field(0.0, ge=-1, le=1)  # > 0: unpicked popular items weigh more, < 0 less
     ranking_positives: Literal["above_mean", "all"] = "all"
     ranking_confidence: float = Field(0.5, ge=0)  # a pick's weight: 1 + this x rating / top of the scale
@@ -205,9 +206,6 @@ class Config:
             (not (self.train.sparse_gradients and self.train.item_history),
              "train.item_history touches the rater vector of nearly every user at every step: it needs the dense "
              "allreduce, not train.sparse_gradients"),
-            (self.train.model != "mf" or self.train.user_dim == self.train.item_dim,
-             "train.model mf takes a dot product, so train.user_dim must equal train.item_dim"),
-            (self.train.model != "two_tower" or self.train.hidden, "two_tower needs train.hidden"),
             (not self.publish.db_url or urllib.parse.urlsplit(self.publish.db_url).password is None,
              "publish.db_url carries a password: remove it and set PGPASSWORD or add a ~/.pgpass line instead"),
             (self.recommend.candidates == 0 or self.recommend.order != "ranking",
@@ -219,7 +217,17 @@ class Config:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        t = self.train
+        try:
+            check_settings(t.model, t.user_dim, t.item_dim, t.hidden, t.head)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         return self
+
+
+def dump(cfg: Config) -> str:
+    """The whole config as YAML, every key resolved: what `--print-config` prints and what `--config` reads back."""
+    return yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)
 
 
 def _build(values: dict) -> Config:

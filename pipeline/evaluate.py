@@ -13,9 +13,10 @@ import pandas as pd
 from pyspark.sql import SparkSession
 
 from pipeline import metrics, peers, storage
+from pipeline.artifacts import load_model, model_and_data, read_table, seen_items, spark_table
 from pipeline.config import Config
-from pipeline.recommend import ORDERS, list_order, predict_pairs, seen_items, spark_table, top_n
-from pipeline.training.train import load_model, model_and_data, read_table
+from pipeline.recommend import ORDERS, list_order
+from pipeline.scoring.blocks import predict_pairs, ship, top_n
 
 log = logging.getLogger(__name__)
 SAMPLE_FOR_PLOTS = 100_000
@@ -26,10 +27,32 @@ def evaluate(spark: SparkSession, cfg: Config, model_dir: str, data_dir: str | N
     started = time.time()
     storage.check_output(out, "evaluate", force)
     data_dir, data = model_and_data(model_dir, data_dir)
-    levels = np.asarray(data["rating_levels"], dtype=np.float64)
+    model, manifest = load_model(model_dir)
+    build = ship(spark, model, manifest["spec"])
     valid = spark_table(spark, data_dir, data, "valid")
     # Read twice (error sums, plot sample): persisted so the model scores the validation set once.
-    scored = predict_pairs(spark, model_dir, valid.select("user_idx", "item_idx", "rating")).persist()
+    scored = predict_pairs(build, valid.select("user_idx", "item_idx", "rating")).persist()
+    order = list_order(cfg, model_dir, model.ranking_factors() is not None)
+    items = read_table(data_dir, data, "items").sort_values("item_idx")
+    report = {"model": model_dir, "data": data_dir, "k": cfg.evaluate.k,
+              "relevant_rating": cfg.evaluate.relevant_rating, "order": order,
+              "rating": rating_errors(scored, data["rating_levels"]),
+              **ranking(spark, cfg, build, data_dir, data, order, items.train_count.to_numpy())}
+    sample = scored.select("prediction", "rating").limit(SAMPLE_FOR_PLOTS).toPandas()
+    scored.unpersist()
+    with storage.publish(out, "evaluate", force) as tmp:
+        fs, plain = storage.filesystem(tmp)
+        with fs.open(f"{plain}/metrics.json", "w") as f:
+            json.dump(report, f, indent=2)
+        _pictures(model, tmp, sample, items, data)
+        _copy(f"{model_dir.rstrip('/')}/learning_curves.png", f"{tmp}/learning_curves.png")
+        storage.write_manifest(tmp, {"stage": "evaluate", **report, "seconds": time.time() - started})
+    return storage.read_manifest(out, "evaluate")
+
+
+def rating_errors(scored, rating_levels: list[float]) -> dict:
+    """RMSE and MAE of the scored validation pairs, and of their predictions rounded to the rating levels."""
+    levels = np.asarray(rating_levels, dtype=np.float64)
 
     def error_sums(batches):
         for pdf in batches:
@@ -44,54 +67,47 @@ def evaluate(spark: SparkSession, cfg: Config, model_dir: str, data_dir: str | N
     total = {k[4:-1]: v or 0.0 for k, v in sums.asDict().items()}
     rating = metrics.rating_errors(total)
     rounded = metrics.rating_errors({"sse": total["sse_rounded"], "sae": total["sae_rounded"], "n": total["n"]})
+    return {"rmse": rating["rmse"], "mae": rating["mae"], "rmse_rounded": rounded["rmse"],
+            "mae_rounded": rounded["mae"], "accuracy_rounded": total["exact"] / max(total["n"], 1),
+            "n": int(total["n"])}
 
+
+def ranking(spark: SparkSession, cfg: Config, build, data_dir: str, data: dict, order: str,
+            item_counts: np.ndarray) -> dict:
+    """{"ranking": the model's top-k lists judged, "peers": most popular's and EASE's on the same users}: the users
+    with a relevant validation rating, every item without a training rating a candidate."""
     k = cfg.evaluate.k
     valid_rows = read_table(data_dir, data, "valid", columns=["user_idx", "item_idx", "rating"])
     truth = (valid_rows[valid_rows.rating >= cfg.evaluate.relevant_rating]
              .groupby("user_idx").item_idx.apply(set))
     seen = seen_items(data_dir, data, ("train",))
-    order = list_order(cfg, model_dir)
-    ranked = top_n(spark, model_dir, truth.index.to_numpy(), seen, k, cfg.recommend.users_per_block,
-                   order=order).toPandas()
+    ranked = top_n(spark, build, data["counts"]["items"], truth.index.to_numpy(), seen, k,
+                   cfg.recommend.users_per_block, order=order).toPandas()
     lists = ranked.groupby("user_idx", sort=False).item_idx.apply(list)  # in rank order already
     judged_users = truth.index.intersection(lists.index)
     relevant = [truth[u] for u in judged_users]
     recommended = [lists[u] for u in judged_users]
-    items = read_table(data_dir, data, "items").sort_values("item_idx")
-    counts = items.train_count.to_numpy()
-    peer_report, popular = peers.evaluate_peers(seen, counts, judged_users.to_numpy(), relevant, k,
+    peer_report, popular = peers.evaluate_peers(seen, item_counts, judged_users.to_numpy(), relevant, k,
                                                 cfg.evaluate.ease_max_items)
-    report = {
-        "model": model_dir, "data": data_dir, "k": k, "relevant_rating": cfg.evaluate.relevant_rating, "order": order,
-        "rating": {"rmse": rating["rmse"], "mae": rating["mae"], "rmse_rounded": rounded["rmse"],
-                   "mae_rounded": rounded["mae"], "accuracy_rounded": total["exact"] / max(total["n"], 1),
-                   "n": int(total["n"])},
-        "ranking": {**peers.judged(recommended, relevant, k, counts),
-                    "users_given_most_popular": peers.same_lists(recommended, popular)},
-        "peers": peer_report,
-    }
-    sample = scored.select("prediction", "rating").limit(SAMPLE_FOR_PLOTS).toPandas()
-    scored.unpersist()
-    with storage.publish(out, "evaluate", force) as tmp:
-        fs, plain = storage.filesystem(tmp)
-        with fs.open(f"{plain}/metrics.json", "w") as f:
-            json.dump(report, f, indent=2)
-        _pictures(model_dir, tmp, sample, items, data)
-        storage.write_manifest(tmp, {"stage": "evaluate", **report, "seconds": time.time() - started})
-    return storage.read_manifest(out, "evaluate")
+    return {"ranking": {**peers.judged(recommended, relevant, k, item_counts),
+                        "users_given_most_popular": peers.same_lists(recommended, popular)},
+            "peers": peer_report}
 
 
-def _pictures(model_dir: str, out: str, sample: pd.DataFrame, items: pd.DataFrame, data: dict) -> None:
+def _copy(source: str, target: str) -> None:
+    """The learning curves train drew, beside the report's own pictures."""
+    fs, plain = storage.filesystem(source)
+    if fs.exists(plain):
+        storage.replace_file(target, fs.cat_file(plain))
+
+
+def _pictures(model, out: str, sample: pd.DataFrame, items: pd.DataFrame, data: dict) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fs, plain = storage.filesystem(out)
-    model, manifest = load_model(model_dir)
-    from pipeline.training.train import plot_history
-
-    plot_history(manifest["history"], f"{out}/learning_curves.png", manifest["spec"]["model"])
 
     fig, ax = plt.subplots(figsize=(6, 4))
     levels = data["rating_levels"]

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from pipeline import metrics
-from pipeline.scoring import USERS_PER_BLOCK, mask_seen, top_lists
+from pipeline.scoring.topk import USERS_PER_BLOCK, mask_seen, top_lists
 
 EASE_LAMBDAS = (30.0, 100.0, 300.0, 1000.0, 3000.0)
 

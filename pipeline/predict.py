@@ -1,16 +1,13 @@
-"""`dmf predict` scores given (user, item) pairs in original ids; `dmf similar` finds an item's neighbours."""
+"""The predict stage: the model's ratings of given (user, item) pairs in the original ids, every input row kept."""
 from __future__ import annotations
 
-import numpy as np
-import pandas as pd
-import torch
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
 from pipeline import storage
-from pipeline.recommend import predict_pairs, spark_table
+from pipeline.artifacts import load_model, model_and_data, spark_table
+from pipeline.scoring.blocks import predict_pairs, ship
 from pipeline.storage import StageError
-from pipeline.training.train import load_model, model_and_data, read_table
 
 ID_COLUMNS = {"user_id": ("user_id", "userId"), "item_id": ("item_id", "movieId")}
 
@@ -55,7 +52,8 @@ def predict(spark: SparkSession, model_dir: str, pairs_path: str, out: str, data
                                          .cast("long"))))
     joined = (typed.join(F.broadcast(users.withColumnRenamed("user_id", "_user")), "_user", "left")
               .join(F.broadcast(items.withColumnRenamed("item_id", "_item")), "_item", "left"))
-    result = (predict_pairs(spark, model_dir, joined)
+    model, manifest = load_model(model_dir)
+    result = (predict_pairs(ship(spark, model, manifest["spec"]), joined)
               .withColumn("known", F.col("user_idx").isNotNull() & F.col("item_idx").isNotNull())
               .withColumn("prediction", F.when(F.col("problem").isNull(), F.col("prediction")))
               .orderBy("_row").select(*df.columns, "prediction", "known", "problem"))
@@ -82,24 +80,3 @@ def _counts(written) -> dict:
                       F.sum(F.col("problem").isNotNull().cast("int")).alias("malformed")).first()
     known, malformed = row.known or 0, row.malformed or 0
     return {"rows": row.rows, "known": known, "malformed": malformed, "fallback": row.rows - known - malformed}
-
-
-def unit_item_vectors(model_dir: str) -> torch.Tensor:
-    """The model's item vectors scaled to length 1, in item_idx order: their dot products are cosines."""
-    model, _ = load_model(model_dir)
-    with torch.no_grad():
-        return torch.nn.functional.normalize(model.item_vectors().float(), dim=1)
-
-
-def similar(model_dir: str, item_id: int, n: int = 10, data_dir: str | None = None) -> pd.DataFrame:
-    """The n items nearest to item_id by cosine similarity of the model's item vectors."""
-    data_dir, data = model_and_data(model_dir, data_dir)
-    items = read_table(data_dir, data, "items").sort_values("item_idx").reset_index(drop=True)
-    match = items.index[items.item_id == item_id]
-    if len(match) == 0:
-        raise StageError(f"item {item_id} was not in training, so it has no embedding")
-    vectors = unit_item_vectors(model_dir)
-    cosine = (vectors @ vectors[match[0]]).numpy()
-    best = [j for j in np.argsort(-cosine, kind="stable") if j != match[0]][:n]
-    return pd.DataFrame({"item_id": items.item_id[best].to_numpy(), "title": items.title[best].to_numpy(),
-                         "cosine": cosine[best]})

@@ -35,9 +35,9 @@ from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
 from pipeline import storage
-from pipeline.predict import unit_item_vectors
+from pipeline.artifacts import load_model, model_and_data, read_table
+from pipeline.similar import unit_item_vectors
 from pipeline.storage import StageError
-from pipeline.training.train import model_and_data, read_table
 
 log = logging.getLogger(__name__)
 DRIVER = "org.postgresql.Driver"
@@ -181,11 +181,11 @@ def check_driver(spark: SparkSession) -> None:
 
 def similar_items(model_dir: str, k: int) -> pd.DataFrame:
     """(item_id, rank, similar_item_id, score): each item's k nearest items by the cosine of the model's item
-    vectors, ranked as `dmf similar` (pipeline.predict.similar) ranks them, for the whole catalog in blocks."""
+    vectors, ranked as `dmf similar` (pipeline.similar) ranks them, for the whole catalog in blocks."""
     data_dir, data = model_and_data(model_dir, None)
     ids = read_table(data_dir, data, "items", columns=["item_idx", "item_id"]).sort_values("item_idx")
     ids = ids.item_id.to_numpy()
-    vectors = unit_item_vectors(model_dir)
+    vectors = unit_item_vectors(load_model(model_dir)[0])
     k = min(k, len(ids) - 1)
     frames = []
     for start in range(0, len(ids), SIMILAR_BLOCK):

@@ -1,182 +1,36 @@
-"""Top-N for every user, scored in blocks: never a row-level users x items cross join.
+"""The recommend stage: the top N unseen items of every user, in the original ids, written as Parquet or CSV.
 
-The model's weights and each user's rated items are broadcast once; each task rebuilds the model, scores
-blocks of users against every item (one matrix product for mf and two_tower, `score_all`'s split first
-layer for dmf and neumf), masks what each user has already rated, and keeps the N best. Items are ranked
-by the unclipped predicted rating: clipped to the scale, every item above it would tie at the top. Tasks
-take contiguous runs of users, so the output comes out in user order with no shuffle or sort.
-
-Two-stage mode (`recommend.candidates` > 0): a block is first scored by the dot product of an mf or
-two_tower retrieval model, which is cheap for any catalog, and only each user's best `candidates`
-unseen items are scored by the model. Its recall against exact scoring is measured on a sample of users.
+The lists are ordered by the model's ranking score when it has one, else by its predicted rating
+(recommend.order); pipeline.scoring.blocks scores them. Two-stage mode (recommend.candidates > 0) retrieves each
+user's candidates by a dot-product model and re-ranks them by the model's rating; its recall against exact
+scoring is measured on a sample of users.
 """
 from __future__ import annotations
 
-import io
 import logging
 import time
-from typing import Iterator, Tuple
 
 import numpy as np
 import pandas as pd
-import torch
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
-from pyspark.sql.types import FloatType
 
 from pipeline import storage
+from pipeline.artifacts import load_model, model_and_data, seen_items, spark_table
 from pipeline.config import Config
-from pipeline.scoring import TOPK_CHUNK, best_rows, by_user, dot_scores, mask_seen, top_k
+from pipeline.models.spec import KINDS
+from pipeline.scoring.blocks import ship, top_n
 from pipeline.storage import StageError
-from pipeline.training.train import load_model, model_and_data, read_table
 
 log = logging.getLogger(__name__)
-TOP_SCHEMA = "user_idx int, rank int, item_idx int, score float"
-RETRIEVAL_MODELS = ("mf", "two_tower")
 ORDERS = {"ranking": "ranking score", "rating": "predicted rating"}  # what orders the lists, in words
 RECALL_USERS = 1000  # users whose two-stage top-N is compared with exact scoring
+DOT_PRODUCT = [kind.name for kind in KINDS.values() if kind.dot_product]
 
 
-def spark_table(spark: SparkSession, data_dir: str, data: dict, name: str) -> DataFrame:
-    """One table of a prepared data set (train, valid, users, items) as a Spark DataFrame."""
-    return spark.read.parquet(f"{data_dir.rstrip('/')}/{data['paths'][name]}")
-
-
-def seen_items(data_dir: str, data: dict, splits: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
-    """The item_idx each user rated in the given splits, as `by_user` returns them.
-
-    Read on the driver and broadcast to the scoring tasks (8 bytes a rating: 160 MB for ML-20M): a Spark
-    groupBy into lists, shuffled to the tasks, took five times as long as the scoring itself."""
-    frames = [read_table(data_dir, data, split, columns=["user_idx", "item_idx"]) for split in splits]
-    return by_user(np.concatenate([f.user_idx.to_numpy() for f in frames]),
-                   np.concatenate([f.item_idx.to_numpy() for f in frames]), data["counts"]["users"])
-
-
-def shipped_model(spark: SparkSession, model_dir: str):
-    """(build, manifest): weights broadcast once; `build()` rebuilds the model inside a task."""
-    model, manifest = load_model(model_dir)
-    buffer = io.BytesIO()
-    torch.save(model.state_dict(), buffer)
-    shipped = spark.sparkContext.broadcast((manifest["spec"], buffer.getvalue()))
-
-    def build():
-        from pipeline import models
-
-        torch.set_num_threads(1)  # Spark runs one task per core already
-        spec, weights = shipped.value
-        m = models.build(spec)
-        m.load_state_dict(torch.load(io.BytesIO(weights), weights_only=True))
-        return m.eval()
-
-    return build, manifest
-
-
-def top_n(spark: SparkSession, model_dir: str, users: np.ndarray, seen: tuple[np.ndarray, np.ndarray], n: int,
-          block: int, retrieval_dir: str | None = None, candidates: int = 0, order: str = "rating") -> DataFrame:
-    """(user_idx, rank, item_idx, score) for the given users, best first, in the order of `users`; the items
-    of `seen` (from `seen_items`) are left out.
-
-    Spark runs one task per range of blocks of `block` users; the users and the seen items are broadcast
-    with the model, so nothing is shuffled. With `candidates` > 0 the model scores only each user's best
-    `candidates` unseen items by the retrieval model (`retrieval_dir`, an mf or two_tower model trained on
-    the same data). `order` is what ranks the items (see `list_order`): the model's ranking score, or its
-    unclipped predicted rating."""
-    build, manifest = shipped_model(spark, model_dir)
-    build_retrieval = shipped_model(spark, retrieval_dir)[0] if candidates else None
-    n_items = manifest["spec"]["n_items"]
-    shipped = spark.sparkContext.broadcast((np.asarray(users, dtype=np.int64), *seen))
-
-    def score(batches):
-        model = build()
-        if order == "ranking":
-            dot = model.ranking_factors()
-        elif candidates or manifest["spec"]["model"] in RETRIEVAL_MODELS:
-            dot = dot_factors(build_retrieval() if candidates else model)
-        else:
-            dot = None
-        all_users, seen_offsets, seen_items = shipped.value
-        # One buffer per task, its width padded for top_k; the padding stays -inf.
-        grid = torch.full((block, -(-n_items // TOPK_CHUNK) * TOPK_CHUNK), -torch.inf)
-        for pdf in batches:
-            for b in pdf.id:
-                users = torch.from_numpy(all_users[b * block:(b + 1) * block])
-                scores = grid[:len(users)]
-                with torch.no_grad():
-                    if dot is None:
-                        scores[:, :n_items] = model.score_all(users, torch.arange(n_items), clip=False)
-                    else:
-                        dot_scores(dot, users, scores[:, :n_items])
-                    mask_seen(scores, users.numpy(), seen_offsets, seen_items)
-                    yield (best_rows(users, *top_k(scores, n)) if not candidates
-                           else _rerank(model, users, *top_k(scores, candidates), n))
-
-    blocks = -(-len(users) // block)
-    # spark.range hands each task a contiguous run of blocks: the output comes out in the order of `users`.
-    parts = max(1, min(blocks, spark.sparkContext.defaultParallelism * 2))
-    return spark.range(0, blocks, 1, parts).mapInPandas(score, TOP_SCHEMA)
-
-
-def predict_pairs(spark: SparkSession, model_dir: str, pairs: DataFrame) -> DataFrame:
-    """`pairs` (user_idx, item_idx, ...) with a `prediction` column added (see `_ratings` for null indices)."""
-    build, _ = shipped_model(spark, model_dir)
-
-    # An iterator UDF rebuilds the model once per task, and leaves the other columns to Spark untouched.
-    @F.pandas_udf(FloatType())
-    def rating(batches: Iterator[Tuple[pd.Series, pd.Series]]) -> Iterator[pd.Series]:
-        model = build()
-        for users, items in batches:
-            yield pd.Series(_ratings(model, users.to_numpy(np.float64), items.to_numpy(np.float64)))
-
-    return pairs.withColumn("prediction", rating("user_idx", "item_idx"))
-
-
-def _ratings(model, users: np.ndarray, items: np.ndarray) -> np.ndarray:
-    """The model's ratings of (user_idx, item_idx) pairs. A NaN index (a user or item outside training)
-    gets the fallback: global mean + the bias of whichever side is known, clipped to the rating scale."""
-    user_known, item_known = ~np.isnan(users), ~np.isnan(items)
-    u = torch.as_tensor(np.where(user_known, users, 0), dtype=torch.long)
-    i = torch.as_tensor(np.where(item_known, items, 0), dtype=torch.long)
-    with torch.no_grad():
-        out = model.global_mean.expand(len(u)).clone()
-        for table, idx, known in ((model.user_bias, u, user_known), (model.item_bias, i, item_known)):
-            if table is not None:  # dmf and neumf with the softmax head have no biases
-                out += table(idx)[:, 0] * torch.as_tensor(known)
-        out = out.clamp(model.levels[0], model.levels[-1])
-        both = torch.as_tensor(user_known & item_known)
-        if both.any():
-            out[both] = model.predict(u[both], i[both])
-    return out.numpy().astype(np.float32)
-
-
-def dot_factors(model) -> tuple[torch.Tensor, torch.Tensor]:
-    """(user factors, item factors) of an mf or two_tower model whose products are its unclipped ratings:
-    [u, 1, mean + b_u] . [v, b_i, 1] = mean + b_u + b_i + <u, v>, so one matrix product scores a block."""
-    with torch.no_grad():
-        user_vectors, item_vectors = model.user_vectors(), model.item_vectors()
-        ones = torch.ones(len(user_vectors), 1)
-        users = torch.cat([user_vectors, ones, model.global_mean + model.user_bias.weight], dim=1)
-        items = torch.cat([item_vectors, model.item_bias.weight, torch.ones(len(item_vectors), 1)], dim=1)
-        return users.detach().contiguous(), items.T.detach().contiguous()
-
-
-def _rerank(model, users: torch.Tensor, reach: torch.Tensor, cand: torch.Tensor, n: int) -> pd.DataFrame:
-    """The model's n best of each user's retrieved candidates (reach: their retrieval scores)."""
-    # Unreached candidates (seen items, or padding when candidates reach past the unseen items) may carry
-    # any index: point them at item 0 and drop them below.
-    cand = torch.where(torch.isfinite(reach), cand, 0)
-    # In item order, so that with every item a candidate the ranking (ties included) is the exact one.
-    cand, order = cand.sort(dim=1)
-    reach = reach.gather(1, order)
-    fine = model.expected(model(users[:, None].expand_as(cand).reshape(-1), cand.reshape(-1))).reshape(cand.shape)
-    fine[~torch.isfinite(reach)] = -torch.inf
-    best, at = torch.topk(fine, min(n, fine.shape[1]), dim=1)
-    return best_rows(users, best, cand.gather(1, at))
-
-
-def list_order(cfg: Config, model_dir: str) -> str:
+def list_order(cfg: Config, model_dir: str, has_ranking: bool) -> str:
     """What orders a model's lists: "ranking" (its ranking score) or "rating" (its predicted rating), from
     recommend.order, whose auto is the ranking score when the model has one and two-stage mode is off."""
-    has_ranking = int(storage.read_manifest(model_dir, "train")["spec"].get("ranking_dim", 0)) > 0
     wanted = cfg.recommend.order
     if wanted == "ranking" and not has_ranking:
         raise StageError(f"recommend.order is ranking, and {model_dir} has no ranking score (it was trained with "
@@ -188,7 +42,7 @@ def list_order(cfg: Config, model_dir: str) -> str:
 
 def retrieval_model(cfg: Config, model_dir: str, data_dir: str, retrieval_model_dir: str | None) -> str | None:
     """The model that retrieves two-stage candidates (None when recommend.candidates is 0), checked before any
-    Spark work: an mf or two_tower model trained on the same prepared data as the model."""
+    Spark work: a dot-product model trained on the same prepared data as the model."""
     candidates = cfg.recommend.candidates
     if candidates == 0:
         if retrieval_model_dir:
@@ -197,10 +51,10 @@ def retrieval_model(cfg: Config, model_dir: str, data_dir: str, retrieval_model_
         return None
     retrieval = retrieval_model_dir or model_dir
     kind = storage.read_manifest(retrieval, "train")["spec"]["model"]
-    if kind not in RETRIEVAL_MODELS:
+    if not KINDS[kind].dot_product:
         raise StageError(f"two-stage recommend (recommend.candidates={candidates}) retrieves candidates by a dot "
                          f"product, and {retrieval} is a {kind} model: give a retrieval model trained as "
-                         f"{' or '.join(RETRIEVAL_MODELS)} on the same data")
+                         f"{' or '.join(DOT_PRODUCT)} on the same data")
     model_and_data(retrieval, data_dir)
     return retrieval
 
@@ -211,7 +65,13 @@ def recommend(spark: SparkSession, cfg: Config, model_dir: str, data_dir: str | 
     storage.check_output(out, "recommend", force)
     data_dir, data = model_and_data(model_dir, data_dir)
     retrieval = retrieval_model(cfg, model_dir, data_dir, retrieval_model_dir)
-    order = list_order(cfg, model_dir)
+    model, manifest = load_model(model_dir)
+    build = ship(spark, model, manifest["spec"])
+    build_retrieval = build if retrieval == model_dir else None
+    if retrieval and retrieval != model_dir:
+        retriever, retriever_manifest = load_model(retrieval)
+        build_retrieval = ship(spark, retriever, retriever_manifest["spec"])
+    order = list_order(cfg, model_dir, model.ranking_factors() is not None)
     n, block, candidates = cfg.recommend.top_n, cfg.recommend.users_per_block, cfg.recommend.candidates
     users = spark_table(spark, data_dir, data, "users").select("user_idx", "user_id")
     items = spark_table(spark, data_dir, data, "items").select("item_idx", "item_id", "title")
@@ -223,7 +83,8 @@ def recommend(spark: SparkSession, cfg: Config, model_dir: str, data_dir: str | 
         # (user_idx numbers the user ids in ascending order).
         return top.join(F.broadcast(items), "item_idx").join(F.broadcast(users), "user_idx")
 
-    top = top_n(spark, model_dir, every_user, seen, n, block, retrieval, candidates, order)
+    n_items = data["counts"]["items"]
+    top = top_n(spark, build, n_items, every_user, seen, n, block, order, build_retrieval, candidates)
     with storage.publish(out, "recommend", force) as tmp:
         writer = with_ids(top).select("user_id", "rank", "item_id", "score", "title").write
         if cfg.recommend.format == "csv":
@@ -238,7 +99,8 @@ def recommend(spark: SparkSession, cfg: Config, model_dir: str, data_dir: str | 
         two_stage = None
         if retrieval:
             sample = np.sort(np.random.default_rng(0).permutation(every_user)[:RECALL_USERS])
-            exact = with_ids(top_n(spark, model_dir, sample, seen, n, block)).select("user_id", "item_id").toPandas()
+            exact = with_ids(top_n(spark, build, n_items, sample, seen, n, block)).select("user_id", "item_id")
+            exact = exact.toPandas()
             hits = len(exact.merge(written, on=["user_id", "item_id"]))
             two_stage = {"candidates": candidates, "retrieval_model": retrieval,
                          "recall_vs_exact": hits / len(exact) if len(exact) else None,

@@ -16,6 +16,8 @@ DEFAULTS = {
     "spark.sql.adaptive.enabled": "true",
     # Python workers run PyTorch in mapInPandas; one BLAS thread each keeps cores from being oversubscribed.
     "spark.executorEnv.OMP_NUM_THREADS": "1",
+    # pandas <-> Spark through Arrow (prepare's id maps, synth's tables, the benchmarks' frames).
+    "spark.sql.execution.arrow.pyspark.enabled": "true",
 }
 LOOPBACK = "lo"
 log = logging.getLogger(__name__)

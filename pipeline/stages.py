@@ -105,9 +105,9 @@ def predict(cfg: Config, args) -> str:
 
 
 def similar(cfg: Config, args) -> str:
-    from pipeline import predict as predict_mod
+    from pipeline import similar as similar_mod
 
-    table = predict_mod.similar(_model_dir(cfg, args), args.item, args.n, args.data)
+    table = similar_mod.similar(_model_dir(cfg, args), args.item, args.n, args.data)
     return table.to_string(index=False)
 
 

@@ -9,11 +9,9 @@ reports it.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 
-import yaml
 from pyspark.sql import SparkSession
 
 from pipeline import config, storage
@@ -119,7 +117,7 @@ def check_output(out: str, force: bool) -> None:
 
 def write_config(out: str, header: str, cfg: Config) -> None:
     """The whole resolved config as YAML, under a header."""
-    storage.replace_file(out, (header + yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)).encode())
+    storage.replace_file(out, (header + config.dump(cfg)).encode())
 
 
 def _given(overrides: list[str], flags: dict) -> str:

@@ -1,14 +1,11 @@
 """benchmarks/bench.py on the small synthetic set: one repetition, two models, ALS with one setting."""
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
+from benchmarks import bench
 from pipeline import config, evaluate
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import bench  # noqa: E402
 
 OVERRIDES = ["train.epochs=2", "train.user_dim=8", "train.item_dim=8", "train.hidden=[16]"]
 

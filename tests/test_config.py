@@ -44,7 +44,7 @@ def test_bad_keys_are_named(tmp_path):
 
 
 def test_shipped_configs_load_for_every_model():
-    for name in ("local", "ml-100k", "ml-1m", "ml-20m", "cluster.example"):
+    for name in ("ml-100k", "ml-1m", "ml-20m", "cluster.example"):
         for model in config.choices(config.TrainConfig, "model"):
             config.load(str(Path(__file__).resolve().parents[1] / "conf" / f"{name}.yaml"), [f"train.model={model}"])
 
@@ -87,3 +87,27 @@ def test_a_flag_means_one_thing_and_old_spellings_still_work_for_a_release():
                          ("--format", "--output-format"))]
     new = p.parse_args(["evaluate", "--model-dir", "/models/a"])
     assert cli.renamed_flags(new) == [] and new.model_dir == "/models/a"
+
+
+def test_print_config_shows_what_a_command_runs_with_and_reads_back(tmp_path, capsys):
+    from pipeline import cli
+
+    root = Path(__file__).resolve().parents[1]
+    argv = ["train", "--config", str(root / "conf" / "ml-100k.yaml"), "--model", "dmf", "--set", "train.lr=0.002",
+            "--print-config"]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    (tmp_path / "resolved.yaml").write_text(printed)
+    again = config.load(str(tmp_path / "resolved.yaml"))
+    assert again == cli.load_config(cli.parser().parse_args(argv))
+    assert (again.train.model, again.train.lr, again.train.hidden) == ("dmf", 0.002, [256, 64])  # models.dmf applied
+    assert cli.main(["run", "--print-config"]) == 0 and config.load() == config.load(overrides=[])
+
+
+def test_the_model_rules_are_the_spec_s_and_apply_before_anything_runs():
+    with pytest.raises(ConfigError, match="mf takes a dot product, so train.user_dim .32. must equal train.item_dim"):
+        config.load(overrides=["train.item_dim=8"])
+    with pytest.raises(ConfigError, match="mf cannot use the softmax head"):
+        config.load(overrides=["train.head=softmax"])
+    with pytest.raises(ConfigError, match="two_tower needs at least one hidden layer size"):
+        config.load(overrides=["train.model=two_tower", "train.hidden=[]"])

@@ -1,9 +1,14 @@
 """The rating models: construction, the two scoring paths, persistence, heads, and that they learn."""
+import dataclasses
+
 import pytest
 import torch
 from torch.nn import functional as F
 
-from pipeline import models
+from pipeline.models import registry
+from pipeline.models.base import RatingModel
+from pipeline.models.history import rating_history
+from pipeline.models.spec import ModelSpec
 
 N_USERS, N_ITEMS, N_GENRES, MAX_GENRES = 13, 17, 5, 3
 VALID = [("mf", "regression"), ("dmf", "regression"), ("dmf", "softmax"), ("neumf", "regression"),
@@ -19,12 +24,16 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def spec(model="mf", head="regression", genres=False, **kw) -> dict:
+def spec_values(model="mf", head="regression", genres=False, **kw) -> dict:
     s = {"model": model, "n_users": N_USERS, "n_items": N_ITEMS, "user_dim": 6, "item_dim": 6 if model == "mf" else 4,
          "hidden": [8, 5], "dropout": 0.1, "batch_norm": False, "head": head,
          "rating_levels": [1.0, 2.0, 3.0, 4.0, 5.0], "global_mean": 3.4,
          "n_genres": N_GENRES if genres else 0, "max_genres": MAX_GENRES if genres else 0}
     return {**s, **kw}
+
+
+def spec(*args, **kw) -> ModelSpec:
+    return ModelSpec.of(spec_values(*args, **kw))
 
 
 def genre_matrix() -> torch.Tensor:
@@ -45,14 +54,14 @@ def ratings_sample(n=60, seed=4):
 def history(users=None, items=None, ratings=None, limit=0):
     """(offsets, raters) of the item history of these ratings (by default ratings_sample's)."""
     users, items, ratings = (users, items, ratings) if users is not None else ratings_sample()
-    return models.rating_history(users, items, ratings, N_ITEMS, [1.0, 2.0, 3.0, 4.0, 5.0], limit, seed=1)[:2]
+    return rating_history(users, items, ratings, N_ITEMS, [1.0, 2.0, 3.0, 4.0, 5.0], limit, seed=1)[:2]
 
 
-def random_model(s: dict, genres=None, item_history=None) -> models.RatingModel:
+def random_model(s: dict, genres=None, item_history=None) -> RatingModel:
     """A built model with every parameter moved off its initial value (biases start at zero) and batch norm
     statistics collected from training-mode passes, returned in eval mode."""
     torch.manual_seed(0)
-    model = models.build(s, genres, item_history)
+    model = registry.build(s, genres, item_history)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.3 * torch.randn_like(p))
@@ -70,7 +79,7 @@ def grid(users, items):
 @pytest.mark.parametrize("model,head", VALID)
 def test_shapes(model, head):
     torch.manual_seed(0)
-    m = models.build(spec(model, head, genres=True), genre_matrix())
+    m = registry.build(spec(model, head, genres=True), genre_matrix())
     users, items, ratings = torch.tensor([0, 5, 12, 5]), torch.tensor([16, 0, 3, 3]), torch.tensor([1.0, 5, 3, 4])
     out = m(users, items)
     assert out.shape == ((4, 5) if head == "softmax" else (4,))
@@ -86,33 +95,32 @@ def test_shapes(model, head):
 
 
 @pytest.mark.parametrize("changes,message", [
-    ({"model": "svd"}, "unknown model"),
-    ({"head": "ordinal"}, "unknown head"),
-    ({"n_items": 0}, "n_items must be positive"),
-    ({"user_dim": -3}, "user_dim must be positive"),
-    ({"hidden": [8, 0]}, "hidden layer sizes must be positive"),
+    ({"model": "svd"}, "model: Input should be 'mf', 'dmf', 'neumf' or 'two_tower'"),
+    ({"head": "ordinal"}, "head: Input should be 'regression' or 'softmax'"),
+    ({"n_items": 0}, "n_items: Input should be greater than or equal to 1"),
+    ({"user_dim": -3}, "user_dim: Input should be greater than or equal to 1"),
+    ({"hidden": [8, 0]}, "hidden.1: Input should be greater than or equal to 1"),
     ({"head": "softmax"}, "softmax head needs an MLP over the pair: use dmf or neumf"),
     ({"model": "two_tower", "head": "softmax"}, "softmax head needs an MLP over the pair"),
-    ({"item_dim": 4}, "user_dim (6) must equal item_dim (4)"),
+    ({"item_dim": 4}, "train.user_dim (6) must equal train.item_dim (4)"),
     ({"model": "two_tower", "hidden": []}, "two_tower needs at least one hidden layer"),
-    ({"rating_levels": [1, 3, 2]}, "rating_levels"),
-    ({"dropout": 1.0}, "dropout"),
+    ({"rating_levels": [1, 3, 2]}, "rating_levels must be an increasing list"),
+    ({"dropout": 1.0}, "dropout: Input should be less than 1"),
+    ({"item_history": -1}, "item_history: Input should be greater than or equal to 0"),
 ])
-def test_check_spec_errors(changes, message):
+def test_spec_errors(changes, message):
     with pytest.raises(ValueError) as err:
-        models.check_spec({**spec(), **changes})
+        ModelSpec.of({**spec_values(), **changes})
     assert message in str(err.value)
-    with pytest.raises(ValueError):
-        models.build({**spec(), **changes})
-    bad = spec()
+    bad = spec_values()
     del bad["global_mean"]
-    with pytest.raises(ValueError, match="global_mean"):
-        models.check_spec(bad)
+    with pytest.raises(ValueError, match="global_mean: Field required"):
+        ModelSpec.of(bad)
 
 
 def test_genre_matrix_shape_is_checked():
     with pytest.raises(ValueError, match="shape"):
-        models.build(spec(genres=True), genre_matrix()[:, :2])
+        registry.build(spec(genres=True), genre_matrix()[:, :2])
 
 
 @pytest.mark.parametrize("model,head,batch_norm", [(m, h, bn) for m, h in VALID for bn in (False, True)
@@ -138,7 +146,7 @@ def test_state_dict_round_trip(tmp_path):
         trained = random_model(s, genre_matrix(), history())
         torch.save(trained.state_dict(), tmp_path / "model.pt")
         torch.manual_seed(99)  # a different init, which the load must overwrite
-        fresh = models.build(s)  # no genre matrix nor history: the state_dict brings them
+        fresh = registry.build(s)  # no genre matrix nor history: the state_dict brings them
         fresh.load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True))
         fresh.eval()
         users, items = grid(torch.arange(N_USERS), torch.arange(N_ITEMS))
@@ -149,29 +157,29 @@ def test_state_dict_round_trip(tmp_path):
 def test_build_is_deterministic_under_a_seed():
     for model, head in VALID:
         torch.manual_seed(5)
-        a = models.build(spec(model, head, genres=True), genre_matrix()).state_dict()
+        a = registry.build(spec(model, head, genres=True), genre_matrix()).state_dict()
         torch.manual_seed(5)
-        b = models.build(spec(model, head, genres=True), genre_matrix()).state_dict()
+        b = registry.build(spec(model, head, genres=True), genre_matrix()).state_dict()
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_regression_predictions_are_clipped_but_forward_is_not():
     users, items = torch.tensor([0, 1, 2]), torch.tensor([3, 4, 5])
     for mean, clipped in ((9.0, 5.0), (-4.0, 1.0)):
-        m = models.build(spec("dmf", global_mean=mean)).eval()
+        m = registry.build(spec("dmf", global_mean=mean)).eval()
         with torch.no_grad():
             assert torch.all(m.predict(users, items) == clipped)
             assert torch.all(m.score_all(users, torch.arange(N_ITEMS)) == clipped)
             assert torch.all((m.score_all(users, torch.arange(N_ITEMS), clip=False) - clipped).abs() > 2)
             assert torch.all((m(users, items) - clipped).abs() > 2)
     # the loss sees the unclipped value, so it still has a gradient beyond the top level
-    m = models.build(spec("mf", global_mean=9.0))
+    m = registry.build(spec("mf", global_mean=9.0))
     m.loss(users, items, torch.tensor([5.0, 5.0, 5.0])).backward()
     assert m.user_bias.weight.grad.abs().sum() > 0
 
 
 def test_softmax_prediction_is_the_expected_level_within_range():
-    m = models.build(spec("neumf", "softmax")).eval()
+    m = registry.build(spec("neumf", "softmax")).eval()
     users, items = torch.arange(10), torch.arange(10)
     with torch.no_grad():
         probs = torch.softmax(m(users, items), dim=-1)
@@ -183,7 +191,7 @@ def test_softmax_prediction_is_the_expected_level_within_range():
 
 def test_softmax_loss_uses_the_nearest_level_index():
     levels = [0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0]
-    m = models.build(spec("dmf", "softmax", rating_levels=levels))
+    m = registry.build(spec("dmf", "softmax", rating_levels=levels))
     ratings = torch.tensor([0.5, 1.0, 3.5, 5.0, 3.74, 3.76, 0.75, 0.2, 6.0])
     # exact levels map to their own index; off-level values to the nearest one (0.75, halfway, to the
     # lower); values outside the scale to the ends
@@ -196,7 +204,7 @@ def test_softmax_loss_uses_the_nearest_level_index():
 
 def test_regression_loss_is_mse_and_l2_covers_the_batch_rows():
     torch.manual_seed(0)
-    m = models.build(spec("mf")).eval()
+    m = registry.build(spec("mf")).eval()
     with torch.no_grad():
         m.user_bias.weight.normal_()
     users, items, ratings = torch.tensor([1, 1, 2]), torch.tensor([0, 3, 3]), torch.tensor([2.0, 4.0, 5.0])
@@ -213,7 +221,7 @@ def test_the_l2_reuses_the_rows_of_the_forward_pass(model, head):
     """Each table is looked up once a step, so a sparse gradient holds one row per pair (not two), and the L2
     is the same as penalising fresh lookups of every table the model names."""
     torch.manual_seed(0)
-    m = models.build(spec(model, head, genres=True), genre_matrix())
+    m = registry.build(spec(model, head, genres=True), genre_matrix())
     users, items, ratings = torch.tensor([0, 5, 12, 5]), torch.tensor([16, 0, 3, 3]), torch.tensor([1.0, 5, 3, 4])
     user_tables, item_tables = m.tables()
     biases = [m.user_bias, m.item_bias] if m.user_bias is not None else []
@@ -243,7 +251,7 @@ def test_mf_on_sparse_cpu_tables_gives_the_loss_and_gradients_of_the_torch_ops(l
     users, items = torch.randint(0, N_USERS, (300,)), torch.randint(0, N_ITEMS, (300,))
     ratings = torch.randint(1, 6, (300,)).float()
     got = compiled.loss(users, items, ratings, l2=l2, bias_l2=bias_l2)
-    want = models.RatingModel.loss(reference, users, items, ratings, l2=l2, bias_l2=bias_l2)
+    want = RatingModel.loss(reference, users, items, ratings, l2=l2, bias_l2=bias_l2)
     assert "MFPairsBackward" in backward_ops(got) and "MFPairsBackward" not in backward_ops(want)
     assert torch.allclose(got, want, rtol=1e-6)
     got.backward()
@@ -254,7 +262,7 @@ def test_mf_on_sparse_cpu_tables_gives_the_loss_and_gradients_of_the_torch_ops(l
     # a dense table, or an item side with genres, goes the generic way
     compiled.item_embedding.sparse = False
     assert "MFPairsBackward" not in backward_ops(compiled.loss(users, items, ratings))
-    with_genres = models.build(spec("mf", genres=True), genre_matrix())
+    with_genres = registry.build(spec("mf", genres=True), genre_matrix())
     with_genres.user_embedding.sparse = with_genres.item_embedding.sparse = True
     assert "MFPairsBackward" not in backward_ops(with_genres.loss(users, items, ratings))
 
@@ -273,7 +281,7 @@ def backward_ops(t: torch.Tensor) -> set[str]:
 def test_genres_shape_the_item_vectors():
     torch.manual_seed(0)
     genres = genre_matrix()
-    m = models.build(spec("mf", genres=True), genres)
+    m = registry.build(spec("mf", genres=True), genres)
     vectors = m.item_vectors()
     # item 0 has no genres, so it is its own embedding row; the others add the mean of their genres
     assert torch.allclose(vectors[0], m.item_embedding.weight[0])
@@ -294,10 +302,10 @@ def planted(seed=0):
     return users, items, ratings, order[:1920], order[1920:]
 
 
-def held_out_rmse(s: dict, steps: int, lr: float, l2: float) -> tuple[float, float]:
+def held_out_rmse(s: ModelSpec, steps: int, lr: float, l2: float) -> tuple[float, float]:
     users, items, ratings, train, test = planted()
     torch.manual_seed(0)
-    m = models.build({**s, "n_users": 60, "n_items": 40, "global_mean": float(ratings[train].mean())})
+    m = registry.build(dataclasses.replace(s, n_users=60, n_items=40, global_mean=float(ratings[train].mean())))
     optimizer = torch.optim.Adam(m.parameters(), lr=lr)
     for _ in range(steps):
         optimizer.zero_grad()
@@ -363,7 +371,7 @@ def test_history_size_keeps_a_seeded_sample_of_each_items_raters_and_says_which(
     users, items = users[:-10], items[:-10]  # item 9 keeps 3 raters, under the limit
     ratings = torch.randint(1, 6, (len(users),), generator=g).float()
     levels = [1.0, 2.0, 3.0, 4.0, 5.0]
-    offsets, raters, kept = models.rating_history(users, items, ratings, N_ITEMS, levels, limit=5, seed=1)
+    offsets, raters, kept = rating_history(users, items, ratings, N_ITEMS, levels, limit=5, seed=1)
     assert (offsets[3] - offsets[2], offsets[8] - offsets[7], offsets[10] - offsets[9]) == (5, 5, 3)
     assert int(kept.sum()) == len(raters) == 13
     # the kept rows are the raters listed, item by item
@@ -373,9 +381,9 @@ def test_history_size_keeps_a_seeded_sample_of_each_items_raters_and_says_which(
         assert listed == sorted((users[rows] * 5 + ratings[rows].long() - 1).tolist())
     # the rows' order does not matter, the seed does, and items 2 and 7 draw different users
     order = torch.randperm(len(users), generator=g)
-    again = models.rating_history(users[order], items[order], ratings[order], N_ITEMS, levels, limit=5, seed=1)
+    again = rating_history(users[order], items[order], ratings[order], N_ITEMS, levels, limit=5, seed=1)
     assert torch.equal(again[1], raters) and torch.equal(again[2], kept[order])
-    other = models.rating_history(users, items, ratings, N_ITEMS, levels, limit=5, seed=2)[2]
+    other = rating_history(users, items, ratings, N_ITEMS, levels, limit=5, seed=2)[2]
     assert not torch.equal(other, kept)
     assert set(users[kept & (items == 2)].tolist()) != set(users[kept & (items == 7)].tolist())
 
@@ -394,6 +402,4 @@ def test_training_leaves_out_only_the_ratings_the_history_holds():
 
 def test_item_history_of_the_wrong_size_is_refused():
     with pytest.raises(ValueError, match="item_history holds 60 ratings of 17 items, the spec says 61"):
-        models.build(spec("mf", item_history=61), item_history=history())
-    with pytest.raises(ValueError, match="item_history must be >= 0"):
-        models.check_spec(spec("mf", item_history=-1))
+        registry.build(spec("mf", item_history=61), item_history=history())

@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import peers, scoring
+from pipeline import peers
+from pipeline.scoring import topk
 
 
 def tiny(seed=0, n_users=40, n_items=25, density=0.25):
@@ -24,15 +25,15 @@ def brute_top(scores: np.ndarray, x: np.ndarray, k: int) -> list[list[int]]:
 def test_most_popular_is_the_most_rated_unseen_items():
     x, users, items = tiny()
     counts = x.sum(axis=0)
-    seen = scoring.by_user(users, items, len(x))
-    lists = scoring.top_lists(peers.popularity_scores(counts), np.arange(len(x)), seen, 5)
+    seen = topk.by_user(users, items, len(x))
+    lists = topk.top_lists(peers.popularity_scores(counts), np.arange(len(x)), seen, 5)
     assert lists == brute_top(np.tile(counts, (len(x), 1)), x, 5)
 
 
 def test_ease_matches_its_closed_form_computed_plainly():
     x, users, items = tiny(1)
     lam = 7.0
-    rated = scoring.by_user(users, items, len(x))
+    rated = topk.by_user(users, items, len(x))
     b = peers.ease_weights(peers.gram(rated, x.shape[1]), lam).double().numpy()
     # Steck's closed form, one column at a time: B_ij = -P_ij / P_jj, B_jj = 0.
     p = np.linalg.inv(x.T @ x + lam * np.eye(x.shape[1]))
@@ -45,14 +46,14 @@ def test_ease_matches_its_closed_form_computed_plainly():
     step = np.random.default_rng(2).normal(size=b.shape) * 1e-3
     np.fill_diagonal(step, 0)
     assert loss(b) < loss(b + step) and loss(b) < loss(b - step)
-    lists = scoring.top_lists(peers.ease_scores(rated, torch.as_tensor(b).float()), np.arange(len(x)), rated, 4)
+    lists = topk.top_lists(peers.ease_scores(rated, torch.as_tensor(b).float()), np.arange(len(x)), rated, 4)
     assert [set(a) for a in lists] == [set(a) for a in brute_top(x @ b, x, 4)]
 
 
 def test_evaluate_peers_picks_the_best_lambda_and_skips_big_catalogs():
     x, users, items = tiny(3, n_users=80)
     counts = x.sum(axis=0)
-    seen = scoring.by_user(users, items, len(x))
+    seen = topk.by_user(users, items, len(x))
     rng = np.random.default_rng(4)
     relevant = [set(rng.choice(np.flatnonzero(x[u] == 0), 2, replace=False).tolist()) for u in range(len(x))]
     report, popular = peers.evaluate_peers(seen, counts, np.arange(len(x)), relevant, 5, ease_max_items=1000,

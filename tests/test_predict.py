@@ -6,9 +6,11 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline import models, predict, recommend
+from pipeline import artifacts, predict, similar
+from pipeline.models import registry
+from pipeline.models.spec import ModelSpec
+from pipeline.scoring import blocks
 from pipeline.storage import StageError
-from pipeline.training import train
 
 UNKNOWN = 10_000  # neither a user nor an item id of the synthetic set
 
@@ -16,7 +18,7 @@ UNKNOWN = 10_000  # neither a user nor an item id of the synthetic set
 @pytest.fixture(scope="module")
 def trained(small_mf):
     _, base = small_mf
-    model, _ = train.load_model(str(base / "model"))
+    model, _ = artifacts.load_model(str(base / "model"))
     return base, model, pd.read_parquet(base / "data" / "users"), pd.read_parquet(base / "data" / "items")
 
 
@@ -92,11 +94,11 @@ def test_pairs_without_an_id_column_fail_naming_the_file(spark, trained, tmp_pat
 
 
 def test_fallback_of_a_model_without_biases_is_the_global_mean():
-    spec = {"model": "dmf", "n_users": 3, "n_items": 4, "user_dim": 2, "item_dim": 2, "hidden": [4], "dropout": 0.0,
-            "batch_norm": False, "head": "softmax", "rating_levels": [1, 2, 3, 4, 5], "global_mean": 3.6,
-            "n_genres": 0, "max_genres": 0}
-    model = models.build(spec).eval()
-    got = recommend._ratings(model, np.array([np.nan, 1, np.nan, 2]), np.array([0, np.nan, np.nan, 3]))
+    spec = ModelSpec(model="dmf", n_users=3, n_items=4, user_dim=2, item_dim=2, hidden=[4], dropout=0.0,
+                     batch_norm=False, head="softmax", rating_levels=[1, 2, 3, 4, 5], global_mean=3.6, n_genres=0,
+                     max_genres=0)
+    model = registry.build(spec).eval()
+    got = blocks.ratings(model, np.array([np.nan, 1, np.nan, 2]), np.array([0, np.nan, np.nan, 3]))
     np.testing.assert_allclose(got[:3], 3.6, rtol=1e-6)
     with torch.no_grad():
         assert got[3] == pytest.approx(float(model.predict(torch.tensor([2]), torch.tensor([3]))[0]), abs=1e-6)
@@ -106,7 +108,7 @@ def test_similar_items_by_cosine(trained):
     base, model, _, items = trained
     items = items.sort_values("item_idx").reset_index(drop=True)
     query = int(items.item_id[7])
-    got = predict.similar(str(base / "model"), query, n=6)
+    got = similar.similar(str(base / "model"), query, n=6)
     with torch.no_grad():
         vectors = model.item_vectors().numpy()
     by_hand = vectors @ vectors[7] / (np.linalg.norm(vectors, axis=1) * np.linalg.norm(vectors[7]))
@@ -117,9 +119,9 @@ def test_similar_items_by_cosine(trained):
     assert got.cosine.iloc[0] == pytest.approx(np.delete(by_hand, 7).max(), abs=1e-5)
     assert got.title.tolist() == items.set_index("item_id").loc[got.item_id, "title"].tolist()
     assert got.title.str.len().gt(0).all()
-    assert len(predict.similar(str(base / "model"), query, n=1000)) == len(items) - 1
+    assert len(similar.similar(str(base / "model"), query, n=1000)) == len(items) - 1
 
 
 def test_similar_to_an_unknown_item_fails(trained):
     with pytest.raises(StageError, match=rf"item {UNKNOWN} was not in training"):
-        predict.similar(str(trained[0] / "model"), UNKNOWN)
+        similar.similar(str(trained[0] / "model"), UNKNOWN)

@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import models
+from pipeline.models import registry
+from pipeline.models.spec import ModelSpec
 from pipeline.training import ranking
 
 
@@ -25,9 +26,9 @@ class OneRank:
 
 
 def spec(n_users, n_items, dim=4):
-    return {"model": "mf", "n_users": n_users, "n_items": n_items, "user_dim": 3, "item_dim": 3, "hidden": [],
-            "dropout": 0.0, "batch_norm": False, "head": "regression", "rating_levels": [1, 2, 3, 4, 5],
-            "global_mean": 3.0, "n_genres": 0, "max_genres": 0, "ranking_dim": dim}
+    return ModelSpec(model="mf", n_users=n_users, n_items=n_items, user_dim=3, item_dim=3, hidden=[], dropout=0.0,
+                     batch_norm=False, head="regression", rating_levels=[1, 2, 3, 4, 5], global_mean=3.0, n_genres=0,
+                     max_genres=0, ranking_dim=dim)
 
 
 def ratings(seed=0, n_users=7, n_items=9):
@@ -46,7 +47,7 @@ def test_a_full_batch_has_the_gradient_of_the_objective_over_every_pair(positive
                                                                          popularity_exponent, confidence):
     torch.manual_seed(0)
     u, i, r = ratings()
-    model = models.build(spec(7, 9))
+    model = registry.build(spec(7, 9))
     a0, l2 = 0.3, 0.7
     owned = (torch.arange(7), torch.arange(9))
     objective = ranking.Objective(model, (u, i, r), OneRank(), unobserved=a0, l2=l2, l2_exponent=l2_exponent,
@@ -76,7 +77,7 @@ def test_a_full_batch_has_the_gradient_of_the_objective_over_every_pair(positive
 
 def test_the_grams_are_refreshed_only_as_often_as_the_catalog_needs():
     u, i, r = ratings()
-    model = models.build(spec(7, 9))
+    model = registry.build(spec(7, 9))
     objective = ranking.Objective(model, (u, i, r), OneRank(), unobserved=0.1, l2=1.0, positive_above=None,
                                   batch=2, owned=(torch.arange(7), torch.arange(9)))
     assert objective.refresh_every == 8  # (7 + 9) rows over 2 a batch
@@ -104,9 +105,9 @@ def test_every_row_is_owned_by_exactly_one_rank():
 
 def test_a_model_without_a_ranking_dim_has_no_ranking_score_and_the_same_rating_tables():
     torch.manual_seed(1)
-    plain = models.build({**spec(7, 9), "ranking_dim": 0})
+    plain = registry.build(spec(7, 9, dim=0))
     torch.manual_seed(1)
-    ranked = models.build(spec(7, 9))
+    ranked = registry.build(spec(7, 9))
     assert plain.ranking_factors() is None and plain.ranking_user is None
     torch.testing.assert_close(plain.user_embedding.weight, ranked.user_embedding.weight)
     users, items = ranked.ranking_factors()

@@ -7,8 +7,9 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline import config, evaluate, peers, recommend, scoring, storage
+from pipeline import artifacts, config, evaluate, peers, recommend
 from pipeline.config import ConfigError
+from pipeline.scoring import blocks, topk
 from pipeline.storage import StageError
 from pipeline.training import train
 
@@ -57,7 +58,7 @@ def test_top_n_for_every_user_unseen_ordered_and_equal_to_brute_force(spark, tra
     n_seen = seen.groupby("user_idx").item_idx.nunique()
     assert m["counts"]["users"] == recs.user_id.nunique() == int((n_seen < len(items)).sum())
     assert not recs.duplicated(["user_id", "item_id"]).any()
-    model, _ = train.load_model(str(base / "model"))
+    model, _ = artifacts.load_model(str(base / "model"))
     assert m["order"] == "ranking" and "ordered by the model's ranking score" in recommend.summary(m, "out")
     user_vectors, item_vectors = model.ranking_factors()
     grid = (user_vectors @ item_vectors).numpy()
@@ -76,11 +77,11 @@ def test_top_n_for_every_user_unseen_ordered_and_equal_to_brute_force(spark, tra
 
 
 def test_the_order_is_the_ranking_score_when_the_model_has_one(tmp_path):
-    storage.write_manifest(str(tmp_path), {"stage": "train", "spec": {"model": "mf", "ranking_dim": 0}})
     auto, rating = (config.load(overrides=[f"recommend.order={o}"]) for o in ("auto", "rating"))
-    assert recommend.list_order(auto, str(tmp_path)) == recommend.list_order(rating, str(tmp_path)) == "rating"
-    with pytest.raises(StageError, match="has no ranking score"):
-        recommend.list_order(config.load(overrides=["recommend.order=ranking"]), str(tmp_path))
+    assert recommend.list_order(auto, "m", False) == recommend.list_order(rating, "m", True) == "rating"
+    assert recommend.list_order(auto, "m", True) == "ranking"
+    with pytest.raises(StageError, match="m has no ranking score"):
+        recommend.list_order(config.load(overrides=["recommend.order=ranking"]), "m", False)
     with pytest.raises(ConfigError, match="recommend.candidates re-ranks the retrieved items by predicted rating"):
         config.load(overrides=["recommend.order=ranking", "recommend.candidates=20"])
 
@@ -88,7 +89,7 @@ def test_the_order_is_the_ranking_score_when_the_model_has_one(tmp_path):
 def test_evaluate_matches_the_training_metrics(spark, trained):
     cfg, base = trained
     m = evaluate.evaluate(spark, cfg, str(base / "model"), None, str(base / "report"))
-    trained_manifest = train.load_model(str(base / "model"))[1]
+    trained_manifest = artifacts.load_model(str(base / "model"))[1]
     assert m["rating"]["rmse"] == pytest.approx(trained_manifest["metrics"]["valid_rmse"], abs=1e-5)
     assert 0 <= m["ranking"]["ndcg@10"] <= 1 and m["ranking"]["users"] > 0
     # The peers are judged on the same users with the same metric functions.
@@ -101,17 +102,18 @@ def test_evaluate_matches_the_training_metrics(spark, trained):
 
 def test_a_user_who_rated_all_but_three_items_gets_those_three(spark, trained):
     cfg, base = trained
-    model, manifest = train.load_model(str(base / "model"))
+    model, manifest = artifacts.load_model(str(base / "model"))
     n_items = manifest["spec"]["n_items"]
     left = [5, 17, 42]
     rated = [i for i in range(n_items) if i not in left]  # user 0 rated all but 3, user 1 nothing, user 2 all
-    seen = scoring.by_user(np.array([0] * len(rated) + [2] * n_items), np.array(rated + list(range(n_items))),
+    seen = topk.by_user(np.array([0] * len(rated) + [2] * n_items), np.array(rated + list(range(n_items))),
                              manifest["spec"]["n_users"])
     with torch.no_grad():
         scores = model.score_all(torch.tensor([0]), torch.tensor(left), clip=False)[0].numpy()
     for candidates in (0, 10):  # exact, and two-stage with the model as its own retriever
-        got = recommend.top_n(spark, str(base / "model"), np.array([0, 1, 2]), seen, 5, 2, str(base / "model"),
-                              candidates).toPandas()
+        build = blocks.ship(spark, model, manifest["spec"])
+        got = blocks.top_n(spark, build, n_items, np.array([0, 1, 2]), seen, 5, 2, retrieval=build,
+                           candidates=candidates).toPandas()
         got = got.sort_values(["user_idx", "rank"])
         user0 = got[got.user_idx == 0]
         assert user0["rank"].tolist() == [1, 2, 3]
@@ -200,11 +202,11 @@ def test_two_stage_needs_a_dot_product_retriever_trained_on_the_same_data(traine
 
 def test_top_k_in_two_passes_equals_torch_topk():
     g = torch.Generator().manual_seed(0)
-    scores = torch.randn(50, 40 * scoring.TOPK_CHUNK, generator=g).round(decimals=1)  # many ties
+    scores = torch.randn(50, 40 * topk.TOPK_CHUNK, generator=g).round(decimals=1)  # many ties
     scores[3] = -torch.inf  # a user with nothing left
     scores[4, 5:] = -torch.inf  # and one with 5 items left
     for k in (1, 10, 39):
-        values, items = scoring.top_k(scores, k)
+        values, items = topk.top_k(scores, k)
         assert torch.equal(values, torch.topk(scores, k, dim=1).values)
         assert torch.equal(scores.gather(1, items), values)
         finite = torch.isfinite(values)
@@ -212,7 +214,7 @@ def test_top_k_in_two_passes_equals_torch_topk():
 
 
 def test_mask_seen_masks_each_rows_user_from_the_by_user_lists():
-    seen = scoring.by_user(np.array([3, 0, 3, 2]), np.array([1, 4, 3, 0]), 5)  # user 1 and 4 rated nothing
+    seen = topk.by_user(np.array([3, 0, 3, 2]), np.array([1, 4, 3, 0]), 5)  # user 1 and 4 rated nothing
     assert seen[0].tolist() == [0, 1, 1, 2, 4, 4] and seen[1].tolist() == [4, 0, 1, 3]
-    scores = scoring.mask_seen(torch.zeros(4, 5), np.array([3, 1, 0, 3]), *seen)
+    scores = topk.mask_seen(torch.zeros(4, 5), np.array([3, 1, 0, 3]), *seen)
     assert torch.isinf(scores).nonzero().tolist() == [[0, 1], [0, 3], [2, 4], [3, 1], [3, 3]]

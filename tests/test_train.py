@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline import config, evaluate, metrics, storage
+from pipeline import artifacts, config, evaluate, metrics, storage
 from pipeline.config import ConfigError
 from pipeline.data import prepare, synth
 from pipeline.storage import StageError
@@ -39,7 +39,7 @@ def synthetic(spark, tmp_path_factory):
 
 
 def valid_rmse_of(model_dir, data_dir) -> float:
-    model, _ = train.load_model(str(model_dir))
+    model, _ = artifacts.load_model(str(model_dir))
     valid = pd.read_parquet(Path(data_dir) / "valid")
     with torch.no_grad():
         pred = model.predict(torch.as_tensor(valid.user_idx.to_numpy(), dtype=torch.long),
@@ -107,7 +107,7 @@ def test_sparse_and_fp16_gradient_exchange_train_like_the_dense_allreduce(spark,
     # still holds every rank's updates to them
     local_users = [r["local_rows"]["user_embedding"] for r in sparse["ranks"]]
     assert sum(local_users) == sparse["spec"]["n_users"] and min(local_users) > 0
-    dense_model, sparse_model = (train.load_model(str(tmp_path / d))[0] for d in ("dense", "sparse"))
+    dense_model, sparse_model = (artifacts.load_model(str(tmp_path / d))[0] for d in ("dense", "sparse"))
     for name, weight in dense_model.state_dict().items():
         torch.testing.assert_close(sparse_model.state_dict()[name], weight, atol=1e-4, rtol=0, msg=name)
     np.testing.assert_allclose([h["valid_rmse"] for h in fp16["history"]], curve, atol=1e-2)

@@ -37,7 +37,6 @@ def prepare(spark: SparkSession, cfg: Config, input_path: str | None = None, out
 
 def _prepare(spark: SparkSession, cfg: Config, readable: str, shown, input_path: str, out: str, force: bool) -> dict:
     started = time.time()
-    spark.conf.set("spark.sql.execution.arrow.pyspark.enabled", "true")  # the id maps pass through pandas
     source = ingest.detect(readable, cfg.prepare.format)
     log.info("prepare: reading %s ratings from %s", source.format, source.ratings)
     raw, files = ingest.read_ratings(spark, source)

@@ -210,7 +210,6 @@ def movies(model: Planted) -> pd.DataFrame:
 def generate(spark: SparkSession, cfg: SynthConfig, out: str, force: bool = False) -> dict:
     """Writes ratings.csv/, movies.csv/ and manifest.json to `out` atomically; returns the manifest."""
     storage.check_output(out, "synth", force)
-    spark.conf.set("spark.sql.execution.arrow.pyspark.enabled", "true")
     model = planted(cfg)
     rows = BLOCK  # read once here: the workers get it through the closure
     wanted = min(cfg.ratings, cfg.users * cfg.items)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import copy
-import io
 import math
 import os
 import socket
@@ -18,8 +17,10 @@ import warnings
 import numpy as np
 import torch
 
-from pipeline import metrics, models, storage
-from pipeline.storage import filesystem
+from pipeline import metrics
+from pipeline.artifacts import load, save
+from pipeline.models import registry
+from pipeline.models.history import rating_history
 from pipeline.training import ranking, sparse
 
 COLUMNS = ("user_idx", "item_idx", "rating")
@@ -59,13 +60,10 @@ def to_tensors(shard: dict, device) -> tuple[torch.Tensor, ...]:
             torch.as_tensor(shard["rating"], dtype=torch.float32, device=device))
 
 
-def embedding_tables(model) -> list[torch.nn.Module]:
-    return [m for m in model.modules() if isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag))]
-
 
 def make_optimizer(name: str, model, lr: float, weight_decay: float):
     # Weight decay on the dense layers only; embedding rows get the batch-wise L2 of the loss instead.
-    tables = {id(p) for m in embedding_tables(model) for p in m.parameters()}
+    tables = {id(p) for m in sparse.embedding_tables(model) for p in m.parameters()}
     groups = [{"params": [p for p in model.parameters() if id(p) in tables], "weight_decay": 0.0},
               {"params": [p for p in model.parameters() if id(p) not in tables], "weight_decay": weight_decay}]
     if name == "sgd":
@@ -83,19 +81,6 @@ def evaluate(model, users, items, ratings, batch: int = 65536) -> dict:
     return metrics.error_sums(pred, ratings.cpu().numpy())
 
 
-def save(obj, path: str) -> None:
-    """torch.save through fsspec (storage.replace_file: never half a file)."""
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    storage.replace_file(path, buffer.getvalue())
-
-
-def load(path: str):
-    fs, plain = filesystem(path)
-    if not fs.exists(plain):
-        return None
-    with fs.open(plain, "rb") as f:
-        return torch.load(io.BytesIO(f.read()), weights_only=True)
 
 
 class Progress:
@@ -132,35 +117,16 @@ def draw_batches(seed: int, n_rows: int, steps: int, batch: int, in_shard_order:
     """[steps, batch] positions in a shard of n_rows for one epoch: a seeded shuffle (repeated when the steps take
     more rows than the shard has) cut into batches."""
     gen = torch.Generator().manual_seed(seed)
-    order = torch.cat([torch.randperm(n_rows, generator=gen, dtype=torch.int32)  # int32: 20% faster, same draws
+    order = torch.cat([torch.randperm(n_rows, generator=gen, dtype=torch.int32)  # int32: faster, the same draws
                        for _ in range(math.ceil(steps * batch / n_rows))])
     order = order[:steps * batch].view(steps, batch)
     if in_shard_order:
         # Each batch's pairs in shard order (by user, then item): the shard and the tables are read and the rows
-        # summed in row order (2-rank sparse steps at 138K x 27K took 9% less time). NumPy sorts 4x as fast as
-        # torch here. Dense paths keep the order that their tuned results were measured with.
+        # summed in row order, which is faster under sparse gradients. NumPy sorts faster than torch here. Dense
+        # paths keep the order that their tuned results were measured with.
         order = torch.from_numpy(np.sort(order.numpy(), axis=1))
     return order
 
-
-def local_rows_of(hvd, n_rows: int, indices: torch.Tensor, name: str) -> tuple[np.ndarray, torch.Tensor]:
-    """(for each row, whether this rank's shard reads it and no other's does; every rank's such rows, in rank
-    order): the local rows of sparse.Rows."""
-    here = torch.zeros(n_rows, dtype=torch.int32)
-    here[indices] = 1
-    local = (here == 1) & (hvd.allreduce(here, op=hvd.Sum, name=name) == 1)
-    return local.numpy(), hvd.allgather(local.nonzero().squeeze(1), name=f"{name}.local")
-
-
-def share_local_rows(local_rows: list, optimizer, hvd) -> None:
-    """Local rows are updated by the one rank that reads them; this copies them and their optimizer state from that
-    rank to the others, so that every rank validates, and rank 0 saves, the same model."""
-    with torch.no_grad():
-        for n, (weight, rows, everyones) in enumerate(local_rows):
-            mine = torch.from_numpy(rows.local)
-            state = [v for v in optimizer.state[weight].values() if torch.is_tensor(v) and v.shape == weight.shape]
-            for k, tensor in enumerate([weight, *state]):
-                tensor[everyones] = hvd.allgather(tensor[mine], name=f"local_rows.{n}.{k}")
 
 
 def rank_main(job: dict) -> dict:
@@ -230,7 +196,9 @@ class RankRun:
             raise RuntimeError(f"{int(empty)} of {self.size} ranks got no training rows from {job['train_url']}"
                                f" (this one {self.n_local:,})")
         self.model, self.in_history = self.build_model()
-        self.local_rows, self.local_counts, owned = self.wire_sparse_gradients()
+        # The softmax reads every ranking item row each step: a dense gradient.
+        dense = (self.model.ranking_item,) if t.ranking_loss == "softmax" else ()
+        self.exchange = sparse.Exchange(self.model, self.train[0], self.train[1], hvd, t.sparse_gradients, dense)
         self.lr = t.lr * (self.size if t.scale_lr else 1)
         optimizer = make_optimizer(t.optimizer, self.model, self.lr, t.weight_decay)
         self.optimizer = hvd.DistributedOptimizer(
@@ -238,18 +206,8 @@ class RankRun:
             compression=hvd.Compression.fp16 if t.fp16_allreduce else hvd.Compression.none)
         self.ranking = self.ranking_validation = None
         if self.model.ranking_user is not None:
-            spec = job["spec"]
-            positive_above = spec["global_mean"] if t.ranking_positives == "above_mean" else None
-            if t.ranking_loss == "softmax":
-                self.ranking = ranking.Softmax(self.model, self.train, hvd, l2=t.ranking_l2,
-                                               l2_exponent=t.ranking_l2_exponent, positive_above=positive_above)
-            else:
-                self.ranking = ranking.Objective(
-                    self.model, self.train, hvd, unobserved=t.ranking_unobserved, l2=t.ranking_l2,
-                    l2_exponent=t.ranking_l2_exponent, popularity_exponent=t.ranking_popularity_exponent,
-                    confidence=t.ranking_confidence, top_rating=max(spec["rating_levels"]),
-                    positive_above=positive_above, batch=t.batch_size, owned=owned)
-            self.ranking_validation = ranking.Validation(hvd, self.train, self.valid, spec["n_users"],
+            self.ranking = ranking.objective(self.model, self.train, hvd, t, job["spec"], self.exchange)
+            self.ranking_validation = ranking.Validation(hvd, self.train, self.valid, job["spec"].n_users,
                                                          job["relevant_rating"], job["k"], t.seed)
         n_total = int(hvd.allreduce(torch.tensor(float(self.n_local)), op=hvd.Sum).item())
         # Every rank takes the same number of steps so that the allreduces pair up, even when shards differ.
@@ -261,52 +219,15 @@ class RankRun:
         job, t = self.job, self.t
         genres = torch.as_tensor(job["item_genres"], dtype=torch.long) if job["item_genres"] is not None else None
         history, in_history = None, None  # without an item history no rating is left out of one
-        if job["spec"].get("item_history"):  # every rank needs every item's ratings, not only its shard's
+        spec = job["spec"]
+        if spec.item_history:  # every rank needs every item's ratings, not only its shard's
             gathered = [self.hvd.allgather(column, name=f"history.{n}") for n, column in enumerate(self.train)]
-            *history, kept = models.rating_history(*gathered, job["spec"]["n_items"], job["spec"]["rating_levels"],
-                                                   t.history_size, t.seed)
+            *history, kept = rating_history(*gathered, spec.n_items, spec.rating_levels, t.history_size, t.seed)
             sizes = self.hvd.allgather(torch.tensor([self.n_local]), name="history.sizes")
             mine = int(sizes[:self.rank].sum())  # allgather concatenates in rank order
             in_history = kept[mine:mine + self.n_local].to(self.device)
-        return models.build(job["spec"], genres, history).to(self.device), in_history
+        return registry.build(spec, genres, history).to(self.device), in_history
 
-    def wire_sparse_gradients(self):
-        """(local rows, their count per table, the rows whose ranking Gram share this rank computes)."""
-        model, train, hvd = self.model, self.train, self.hvd
-        user_tables, item_tables = model.tables()
-        if model.ranking_user is not None:
-            user_tables, item_tables = [*user_tables, model.ranking_user], [*item_tables, model.ranking_item]
-        read_by_shard = {id(table): column for tables, column in ((user_tables, train[0]), (item_tables, train[1]))
-                         for table in tables}
-        local_rows = []  # (table weight, its sparse.Rows, every rank's local rows)
-        local_counts = {}  # table name: how many of its rows this rank keeps out of the exchange
-        names = {id(module): name for name, module in model.named_modules()}
-        for table in embedding_tables(model):
-            # Sparse gradients hold only the rows a batch touched, each once (on the CPU a hook sums a row's
-            # duplicates); Horovod allgathers them instead of allreducing whole tables, and the optimizer updates
-            # only those rows. Bias tables (one column) stay dense: as sparse they were no faster.
-            # The softmax reads every ranking item row each step: a dense gradient.
-            table.sparse = self.t.sparse_gradients and table.embedding_dim > 1 and not (
-                table is model.ranking_item and self.t.ranking_loss == "softmax")
-            if table.sparse and self.device.type == "cpu":
-                if id(table) in read_by_shard:
-                    # prepare splits the shards by user, so no rank exchanges its users' rows
-                    name = names[id(table)]
-                    local, everyones = local_rows_of(hvd, table.num_embeddings, read_by_shard[id(table)],
-                                                     f"{name}.readers")
-                    rows = sparse.Rows(table.weight, local, self.size)
-                    local_rows.append((table.weight, rows, everyones))
-                    local_counts[name] = int(local.sum())
-                else:
-                    rows = sparse.Rows(table.weight)
-                table.weight.register_hook(rows.distinct)
-        owned = None
-        if model.ranking_user is not None:
-            local_of = {id(weight): (rows.local, everyones) for weight, rows, everyones in local_rows}
-            owned = tuple(ranking.owned_rows(table.num_embeddings, self.rank, self.size,
-                                             *local_of.get(id(table.weight), (None, None)))
-                          for table in (model.ranking_user, model.ranking_item))
-        return local_rows, local_counts, owned
 
     def restore(self) -> None:
         """From the checkpoint with --resume, else from train.init_from or the seeded initialisation; then every
@@ -354,7 +275,7 @@ class RankRun:
         progress = Progress(self.steps, f"epoch {epoch + 1}/{t.epochs}") if show else None
         for step in range(self.steps):
             idx = order[step]
-            u, i, r = (column.index_select(0, idx) for column in self.train)  # on the CPU 2x as fast as train[0][idx]
+            u, i, r = (column.index_select(0, idx) for column in self.train)  # on the CPU faster than train[0][idx]
             optimizer.zero_grad()
             loss = model.loss(u, i, r, None if self.in_history is None else self.in_history[idx], t.l2, bias_l2)
             if model.rater_bag is not None and t.history_l2 > 0:
@@ -363,14 +284,13 @@ class RankRun:
                 loss = loss + self.ranking.loss(u, i, r, step)
             loss.backward()
             optimizer.synchronize()
-            for weight, rows, _ in self.local_rows:
-                weight.grad = rows.with_local(weight.grad)
+            self.exchange.restore_local()
             with optimizer.skip_synchronize():
                 optimizer.step()
             loss_sum += loss.detach()
             if progress:
                 progress.update(step + 1)
-        share_local_rows(self.local_rows, optimizer, self.hvd)
+        self.exchange.share(optimizer)
         if progress:
             progress.close()
         return self.hvd.allreduce(loss_sum / self.steps, op=self.hvd.Average).item()
@@ -398,8 +318,7 @@ class RankRun:
             improved = True
         if record.get("valid_ndcg", -math.inf) > state["best_ndcg"] + 1e-6:
             state.update(best_ndcg=record["valid_ndcg"], best_ranking_epoch=record["epoch"])
-            self.best["ranking"] = None if weights is None else {
-                k: v.clone() for k, v in weights.items() if k.startswith("ranking_")}
+            self.best["ranking"] = self.model.ranking_state() if self.rank == 0 else None
             improved = True
         state["history"].append(record)
         state.update(epoch=record["epoch"], bad_epochs=0 if improved else state["bad_epochs"] + 1)
@@ -432,7 +351,7 @@ class RankRun:
             save({k: v.cpu() for k, v in best.items()}, self.job["weights"])
         state = self.state
         return {"rank": self.rank, "host": socket.gethostname(), "gpus": self.gpus, "device": str(self.device),
-                "rows": self.n_local, "local_rows": self.local_counts, "history": state["history"],
+                "rows": self.n_local, "local_rows": self.exchange.local_counts, "history": state["history"],
                 "best_epoch": state["best_epoch"], "best_rmse": state["best_rmse"],
                 "best_ranking_epoch": state["best_ranking_epoch"],
                 "best_ndcg": state["best_ndcg"] if state["best_ranking_epoch"] > 0 else None}

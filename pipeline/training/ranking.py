@@ -26,9 +26,25 @@ import math
 import numpy as np
 import torch
 
-from pipeline import metrics, scoring
+from pipeline import metrics
+from pipeline.scoring import topk
 
 VALID_USERS = 10_000  # per rank: validation NDCG is computed on a seeded sample of at most this many users
+
+
+def objective(model, train: tuple[torch.Tensor, ...], hvd, t, spec, exchange) -> "RowPenalty":
+    """The ranking loss train.ranking_loss names, with its train.ranking_* settings (t, a TrainConfig), for a model
+    of this spec; `exchange` (sparse.Exchange) tells which rows only this rank updates."""
+    positive_above = spec.global_mean if t.ranking_positives == "above_mean" else None
+    if t.ranking_loss == "softmax":
+        return Softmax(model, train, hvd, l2=t.ranking_l2, l2_exponent=t.ranking_l2_exponent,
+                       positive_above=positive_above)
+    owned = tuple(owned_rows(table.num_embeddings, hvd.rank(), hvd.size(), *exchange.local_of(table))
+                  for table in (model.ranking_user, model.ranking_item))
+    return Objective(model, train, hvd, unobserved=t.ranking_unobserved, l2=t.ranking_l2,
+                     l2_exponent=t.ranking_l2_exponent, popularity_exponent=t.ranking_popularity_exponent,
+                     confidence=t.ranking_confidence, top_rating=max(spec.rating_levels),
+                     positive_above=positive_above, batch=t.batch_size, owned=owned)
 
 
 class RowPenalty:
@@ -178,7 +194,7 @@ class Validation:
         candidates = np.unique(users[hit])
         rng = np.random.default_rng([seed, hvd.rank()])
         self.users = np.sort(rng.permutation(candidates)[:VALID_USERS])
-        relevant = scoring.by_user(users[hit], items[hit], n_users)
+        relevant = topk.by_user(users[hit], items[hit], n_users)
         self.relevant = [set(relevant[1][relevant[0][u]:relevant[0][u + 1]].tolist()) for u in self.users]
         # A user's training ratings may lie in another rank's shard: every rank's, for every sampled user.
         sampled = torch.zeros(n_users, dtype=torch.int32)
@@ -188,11 +204,11 @@ class Validation:
         keep = sampled[train_users]
         seen_users = hvd.allgather(train_users[keep], name="ranking.seen_users").numpy()
         seen_items = hvd.allgather(train_items[keep], name="ranking.seen_items").numpy()
-        self.seen = scoring.by_user(seen_users, seen_items, n_users)
+        self.seen = topk.by_user(seen_users, seen_items, n_users)
 
     def ndcg(self, model) -> float:
         users, items = (factors.cpu() for factors in model.ranking_factors())
-        lists = scoring.top_lists(lambda block: users[torch.from_numpy(block)] @ items, self.users, self.seen, self.k)
+        lists = topk.top_lists(lambda block: users[torch.from_numpy(block)] @ items, self.users, self.seen, self.k)
         result = metrics.ranking_metrics(lists, self.relevant, self.k)
         total = 0.0 if not result["users"] else result[f"ndcg@{self.k}"] * result["users"]
         summed = self.hvd.allreduce(torch.tensor([total, float(result["users"])], dtype=torch.float64),

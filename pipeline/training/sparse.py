@@ -1,11 +1,18 @@
-"""Adagrad whose sparse gradients on the CPU are applied by compiled kernels, without a sort.
+"""The sparse gradient exchange (train.sparse_gradients), in one place: which tables take sparse gradients, the
+gradient hook that sums a batch's rows, the rows a rank keeps to itself, their share at an epoch's end, and the
+Adagrad that applies sparse rows without a sort.
 
-Under train.sparse_gradients an embedding table's gradient holds the rows of the ranks' batches, the same row
-once per rank that touched it (`Rows.distinct`, a gradient hook, sums a batch's duplicates before the ranks
-exchange them). torch's Adagrad first coalesces it (sorts the rows and sums the duplicates) and then takes
-several passes over them; on 2 CPU ranks at 138K x 27K that was most of a step. Here one pass sums the
-duplicates into a scratch row each and a second applies Adagrad to every row touched, in float32 as torch does.
-Dense gradients and GPU tensors go to torch's Adagrad.
+Embedding tables are nearly all the parameters. Under sparse gradients a table's gradient holds the rows of the
+ranks' batches: `Rows.distinct`, a gradient hook, sums a batch's duplicates before Horovod allgathers them (the
+same row once per rank that touched it), instead of allreducing whole tables. torch's Adagrad would first
+coalesce it (sort the rows and sum the duplicates) and then take several passes over them; on 2 CPU ranks at
+138K x 27K that was most of a step. Here one pass sums the duplicates into a scratch row each and a second applies
+Adagrad to every row touched, in float32 as torch does. Dense gradients and GPU tensors go to torch's Adagrad.
+
+Rows that one rank alone reads (its users' rows: prepare splits the shards by user) stay out of the exchange:
+that rank applies them itself, and `Exchange.share` copies them and their Adagrad sums to the other ranks once an
+epoch, so that every rank validates, and rank 0 saves, the same model. The arithmetic is that of the full exchange.
+The config's rules (Adagrad only, no fp16 compression, no item history) are checked in pipeline.config.
 """
 from __future__ import annotations
 
@@ -60,8 +67,8 @@ class Rows:
     `local` (optional, a bool per row) marks the rows that no other rank reads: a user's row when the shards are
     split by user, as prepare writes them. Their gradients need not be exchanged: `distinct` keeps them back, and
     `with_local` adds them to the exchanged gradient, divided by the number of ranks as Horovod's average divides
-    the others. The other ranks' copies of these rows go stale until `share_local_rows` copies them
-    from their rank."""
+    the others. The other ranks' copies of these rows go stale until `Exchange.share` copies them from their
+    rank."""
 
     def __init__(self, table: torch.Tensor, local: np.ndarray | None = None, ranks: int = 1):
         self.slot = np.full(table.shape[0], -1, dtype=np.int64)
@@ -104,3 +111,67 @@ class Rows:
         return torch.sparse_coo_tensor(torch.cat([grad._indices()[0], torch.from_numpy(rows)])[None],
                                        torch.cat([grad._values(), torch.from_numpy(sums)]), grad.shape,
                                        check_invariants=False)
+
+
+class Exchange:
+    """The sparse exchange of one rank's model, set up before the optimizer is wrapped: `restore_local` after the
+    gradients are synchronized and before the step, `share` at the end of an epoch. Tables in `dense` (and biases,
+    one column wide: as sparse they were no faster) keep dense gradients; without `enabled` every table does."""
+
+    def __init__(self, model: torch.nn.Module, users: torch.Tensor, items: torch.Tensor, hvd, enabled: bool,
+                 dense: tuple = ()):
+        self.hvd = hvd
+        self.local_rows = []  # (table weight, its Rows, every rank's local rows)
+        self.local_counts = {}  # table name: how many of its rows this rank keeps out of the exchange
+        user_tables, item_tables = model.indexed_tables()
+        read_by = {id(t): users for t in user_tables} | {id(t): items for t in item_tables}
+        names = {id(module): name for name, module in model.named_modules()}
+        for table in embedding_tables(model):
+            table.sparse = enabled and table.embedding_dim > 1 and not any(table is d for d in dense)
+            if not (table.sparse and table.weight.device.type == "cpu"):  # on a GPU torch sums the rows itself
+                continue
+            if id(table) in read_by:
+                name = names[id(table)]
+                local, everyones = local_rows_of(hvd, table.num_embeddings, read_by[id(table)], f"{name}.readers")
+                rows = Rows(table.weight, local, hvd.size())
+                self.local_rows.append((table.weight, rows, everyones))
+                self.local_counts[name] = int(local.sum())
+            else:
+                rows = Rows(table.weight)
+            table.weight.register_hook(rows.distinct)
+
+    def local_of(self, table: torch.nn.Embedding) -> tuple[np.ndarray | None, torch.Tensor | None]:
+        """(which rows of the table only this rank reads, every rank's such rows), or (None, None)."""
+        for weight, rows, everyones in self.local_rows:
+            if weight is table.weight:
+                return rows.local, everyones
+        return None, None
+
+    def restore_local(self) -> None:
+        """Puts the local rows that the gradient hook kept back into the synchronized gradients."""
+        for weight, rows, _ in self.local_rows:
+            weight.grad = rows.with_local(weight.grad)
+
+    def share(self, optimizer) -> None:
+        """Local rows are updated by the one rank that reads them; this copies them and their optimizer state from
+        that rank to the others."""
+        with torch.no_grad():
+            for n, (weight, rows, everyones) in enumerate(self.local_rows):
+                mine = torch.from_numpy(rows.local)
+                state = [v for v in optimizer.state[weight].values()
+                         if torch.is_tensor(v) and v.shape == weight.shape]
+                for k, tensor in enumerate([weight, *state]):
+                    tensor[everyones] = self.hvd.allgather(tensor[mine], name=f"local_rows.{n}.{k}")
+
+
+def embedding_tables(model: torch.nn.Module) -> list[torch.nn.Module]:
+    return [m for m in model.modules() if isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag))]
+
+
+def local_rows_of(hvd, n_rows: int, indices: torch.Tensor, name: str) -> tuple[np.ndarray, torch.Tensor]:
+    """(for each row, whether this rank's shard reads it and no other's does; every rank's such rows, in rank
+    order): the local rows of Rows."""
+    here = torch.zeros(n_rows, dtype=torch.int32)
+    here[indices] = 1
+    local = (here == 1) & (hvd.allreduce(here, op=hvd.Sum, name=name) == 1)
+    return local.numpy(), hvd.allgather(local.nonzero().squeeze(1), name=f"{name}.local")

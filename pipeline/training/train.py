@@ -11,22 +11,30 @@ import pandas as pd
 import torch
 from pyspark.sql import SparkSession
 
-from pipeline import models, storage
+from pipeline import storage
+from pipeline.artifacts import load, model_and_data, read_table, save
 from pipeline.config import Config, ConfigError, TrainConfig
+from pipeline.models import registry
+from pipeline.models.spec import ModelSpec
 from pipeline.spark import network_interface
 from pipeline.storage import StageError
-from pipeline.training.loop import load, rank_main, save
+from pipeline.training.loop import rank_main
 
 log = logging.getLogger(__name__)
 
 
-def model_spec(t: TrainConfig, data: dict, data_dir: str) -> dict:
-    return {"model": t.model, "n_users": data["counts"]["users"], "n_items": data["counts"]["items"],
+def model_spec(t: TrainConfig, data: dict, data_dir: str) -> ModelSpec:
+    """The spec of the model train.* describes on this prepared data; ConfigError naming what is wrong."""
+    try:
+        return ModelSpec.of({
+            "model": t.model, "n_users": data["counts"]["users"], "n_items": data["counts"]["items"],
             "user_dim": t.user_dim, "item_dim": t.item_dim, "hidden": list(t.hidden), "dropout": t.dropout,
             "batch_norm": t.batch_norm, "head": t.head, "rating_levels": data["rating_levels"],
             "global_mean": data["global_mean"], "n_genres": len(data["genres"]) if t.genres else 0,
             "max_genres": max(1, data["max_genres"]) if t.genres else 0,
-            "item_history": history_length(t, data, data_dir), "ranking_dim": t.ranking_dim}
+            "item_history": history_length(t, data, data_dir), "ranking_dim": t.ranking_dim})
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
 
 
 def history_length(t: TrainConfig, data: dict, data_dir: str) -> int:
@@ -38,32 +46,24 @@ def history_length(t: TrainConfig, data: dict, data_dir: str) -> int:
     return int(np.minimum(read_table(data_dir, data, "items").train_count.to_numpy(), t.history_size).sum())
 
 
-def item_genres(items: pd.DataFrame, spec: dict) -> np.ndarray | None:
+def item_genres(items: pd.DataFrame, spec: ModelSpec) -> np.ndarray | None:
     """[n_items, max_genres] genre indices by item_idx, padded with n_genres (the EmbeddingBag's padding)."""
-    if not spec["n_genres"]:
+    if not spec.n_genres:
         return None
-    matrix = np.full((spec["n_items"], spec["max_genres"]), spec["n_genres"], dtype=np.int64)
+    matrix = np.full((spec.n_items, spec.max_genres), spec.n_genres, dtype=np.int64)
     for idx, genres in zip(items.item_idx, items.genre_idx):
         if genres is not None and len(genres):
             matrix[idx, :len(genres)] = genres
     return matrix
 
 
-def read_table(data_dir: str, data: dict, name: str, columns: list[str] | None = None) -> pd.DataFrame:
-    fs, plain = storage.filesystem(f"{data_dir.rstrip('/')}/{data['paths'][name]}")
-    return pd.read_parquet(plain, filesystem=fs, columns=columns)
 
-
-def check(spark: SparkSession, cfg: Config, data_dir: str) -> tuple[dict, dict]:
+def check(spark: SparkSession, cfg: Config, data_dir: str) -> tuple[dict, ModelSpec]:
     """The data manifest and model spec, or a clear error before any rank starts."""
     data = storage.read_manifest(data_dir, "prepare")
     for split in ("train", "valid"):
         check_plain_parquet(f"{data_dir.rstrip('/')}/{data['paths'][split]}")
     spec = model_spec(cfg.train, data, data_dir)
-    try:
-        models.check_spec(spec)
-    except ValueError as e:
-        raise ConfigError(str(e)) from e
     n = cfg.train.num_proc
     for split in ("train", "valid"):
         if data["row_groups"][split] < n:
@@ -110,7 +110,7 @@ def check_plain_parquet(path: str) -> None:
                              f"prepared data may have been tampered with; prepare it again")
 
 
-def initial_parameters(cfg: Config, spec: dict, data_dir: str, out: str) -> dict | None:
+def initial_parameters(cfg: Config, spec: ModelSpec, data_dir: str, out: str) -> dict | None:
     """What train.init_from hands the ranks: the weights file and the names of this model's parameters that the
     given model has too (its embeddings and biases, for a dmf started from an mf); None without init_from.
     Everything that can be wrong with it is checked here, before any rank starts."""
@@ -124,7 +124,7 @@ def initial_parameters(cfg: Config, spec: dict, data_dir: str, out: str) -> dict
     weights = f"{source.rstrip('/')}/model.pt"
     given = {name: tuple(value.shape) for name, value in load(weights).items()}
     with torch.device("meta"):  # shapes only: no memory for the tables
-        wanted = {name: tuple(p.shape) for name, p in models.build(spec).named_parameters()}
+        wanted = {name: tuple(p.shape) for name, p in registry.build(spec).named_parameters()}
     shared = [name for name in wanted if name in given]
     wrong = [f"{name} is {given[name]} there and {wanted[name]} here" for name in shared if given[name] != wanted[name]]
     if wrong:
@@ -133,12 +133,12 @@ def initial_parameters(cfg: Config, spec: dict, data_dir: str, out: str) -> dict
     if not shared:
         kind = storage.read_manifest(source, "train")["spec"]["model"]
         raise ConfigError(f"train.init_from={source} is a {kind} model that shares no parameter with this "
-                          f"{spec['model']} model")
+                          f"{spec.model} model")
     log.info("train: %s start from %s", ", ".join(shared), source)
     return {"weights": weights, "names": shared}
 
 
-def make_job(cfg: Config, data_dir: str, data: dict, spec: dict, work: str, resume: bool,
+def make_job(cfg: Config, data_dir: str, data: dict, spec: ModelSpec, work: str, resume: bool,
              init: dict | None = None) -> dict:
     """Everything a rank needs, as plain picklable values."""
     return {"train": cfg.train, "spec": spec, "resume": resume, "init": init,
@@ -180,9 +180,9 @@ def train(spark: SparkSession, cfg: Config, data_dir: str, out: str, resume: boo
     best = next(h for h in chief["history"] if h["epoch"] == chief["best_epoch"])
     with storage.publish(out, "train", force) as tmp:
         save(load(job["weights"]), f"{tmp}/model.pt")
-        plot_history(chief["history"], f"{tmp}/learning_curves.png", spec["model"])
+        plot_history(chief["history"], f"{tmp}/learning_curves.png", spec.model)
         storage.write_manifest(tmp, {
-            "stage": "train", "spec": spec, "train": vars(cfg.train),
+            "stage": "train", "spec": spec.as_dict(), "train": vars(cfg.train),
             "data": {"path": data_dir, "dataset": data["dataset"], "created_at": data["created_at"],
                      "checksum": data["source"]["checksum"], "counts": data["counts"]},
             "ranks": [{key: r[key] for key in ("rank", "host", "gpus", "device", "rows", "local_rows")}
@@ -218,28 +218,6 @@ def checkpoint_dir(out: str, resume: bool) -> str:
     return work
 
 
-def load_model(model_dir: str) -> tuple[models.RatingModel, dict]:
-    """The trained model in eval mode and its manifest."""
-    manifest = storage.read_manifest(model_dir, "train")
-    model = models.build(manifest["spec"])
-    model.load_state_dict(load(f"{model_dir.rstrip('/')}/model.pt"))
-    return model.eval(), manifest
-
-
-def model_and_data(model_dir: str, data_dir: str | None) -> tuple[str, dict]:
-    """The prepared data a model was trained on (its own record unless data_dir is given), checked unchanged."""
-    model_manifest = storage.read_manifest(model_dir, "train")
-    data_dir = data_dir or model_manifest["data"]["path"]
-    data = storage.read_manifest(data_dir, "prepare")
-    trained_on = model_manifest["data"]
-    if data["created_at"] != trained_on["created_at"]:
-        if storage.url(data_dir) == storage.url(trained_on["path"]):
-            raise StageError(f"{model_dir} was trained on the {data_dir} written at {trained_on['created_at']}, "
-                             f"which has since been rewritten ({data['created_at']}): train again")
-        raise StageError(f"{model_dir} was trained on {trained_on['path']} (written at {trained_on['created_at']}), "
-                         f"not on {data_dir} (written at {data['created_at']}): give the data it was trained on, "
-                         f"or train on {data_dir}")
-    return data_dir, data
 
 
 def plot_history(history: list[dict], path: str, title: str) -> None:

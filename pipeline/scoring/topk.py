@@ -47,7 +47,7 @@ TOPK_CHUNK = 128  # columns per chunk in top_k's first pass
 
 
 def top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """torch.topk(scores, k, dim=1), about twice as fast on wide rows: a row's k best values lie in the k
+    """torch.topk(scores, k, dim=1), faster on wide rows: a row's k best values lie in the k
     chunks of TOPK_CHUNK columns with the best maxima, so only those chunks are searched."""
     rows, width = scores.shape
     k = min(k, width)

@@ -1,0 +1,81 @@
+"""What the stages hand each other, read and written in one place: a prepared data set's tables, a trained model
+and its manifest, torch files through fsspec."""
+from __future__ import annotations
+
+import io
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+import torch
+
+from pipeline import storage
+from pipeline.models import registry
+from pipeline.models.base import RatingModel
+from pipeline.models.spec import ModelSpec
+from pipeline.scoring.topk import by_user
+from pipeline.storage import StageError
+
+if TYPE_CHECKING:  # the ranks load and save through this module, and the training loop never imports Spark
+    from pyspark.sql import DataFrame, SparkSession
+
+
+def save(obj, path: str) -> None:
+    """torch.save through fsspec (storage.replace_file: never half a file)."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    storage.replace_file(path, buffer.getvalue())
+
+
+def load(path: str):
+    """torch.load (weights only) through fsspec; None where the file does not exist."""
+    fs, plain = storage.filesystem(path)
+    if not fs.exists(plain):
+        return None
+    with fs.open(plain, "rb") as f:
+        return torch.load(io.BytesIO(f.read()), weights_only=True)
+
+
+def read_table(data_dir: str, data: dict, name: str, columns: list[str] | None = None) -> pd.DataFrame:
+    """One table of a prepared data set (train, valid, users, items), on the driver; `data` is its manifest."""
+    fs, plain = storage.filesystem(f"{data_dir.rstrip('/')}/{data['paths'][name]}")
+    return pd.read_parquet(plain, filesystem=fs, columns=columns)
+
+
+def spark_table(spark: SparkSession, data_dir: str, data: dict, name: str) -> DataFrame:
+    """One table of a prepared data set as a Spark DataFrame."""
+    return spark.read.parquet(f"{data_dir.rstrip('/')}/{data['paths'][name]}")
+
+
+def seen_items(data_dir: str, data: dict, splits: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """The item_idx each user rated in the given splits, as `topk.by_user` returns them.
+
+    Read on the driver and broadcast to the scoring tasks (8 bytes a rating: 160 MB for ML-20M): a Spark
+    groupBy into lists, shuffled to the tasks, took longer than the scoring itself."""
+    frames = [read_table(data_dir, data, split, columns=["user_idx", "item_idx"]) for split in splits]
+    return by_user(np.concatenate([f.user_idx.to_numpy() for f in frames]),
+                   np.concatenate([f.item_idx.to_numpy() for f in frames]), data["counts"]["users"])
+
+
+def load_model(model_dir: str) -> tuple[RatingModel, dict]:
+    """The trained model in eval mode and its manifest."""
+    manifest = storage.read_manifest(model_dir, "train")
+    model = registry.build(ModelSpec.of(manifest["spec"]))
+    model.load_state_dict(load(f"{model_dir.rstrip('/')}/model.pt"))
+    return model.eval(), manifest
+
+
+def model_and_data(model_dir: str, data_dir: str | None) -> tuple[str, dict]:
+    """The prepared data a model was trained on (its own record unless data_dir is given), checked unchanged."""
+    model_manifest = storage.read_manifest(model_dir, "train")
+    data_dir = data_dir or model_manifest["data"]["path"]
+    data = storage.read_manifest(data_dir, "prepare")
+    trained_on = model_manifest["data"]
+    if data["created_at"] != trained_on["created_at"]:
+        if storage.url(data_dir) == storage.url(trained_on["path"]):
+            raise StageError(f"{model_dir} was trained on the {data_dir} written at {trained_on['created_at']}, "
+                             f"which has since been rewritten ({data['created_at']}): train again")
+        raise StageError(f"{model_dir} was trained on {trained_on['path']} (written at {trained_on['created_at']}), "
+                         f"not on {data_dir} (written at {data['created_at']}): give the data it was trained on, "
+                         f"or train on {data_dir}")
+    return data_dir, data
