@@ -17,7 +17,7 @@ import pytest
 from postgres import _free_port, synthetic_recommendations
 from pyspark import SparkFiles
 
-from pipeline import config, publish, recommend, storage
+from pipeline import config, publish, recommend, similar, storage
 from pipeline.storage import StageError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,10 +71,10 @@ def test_published_rows_equal_the_recommendations_exactly(spark, small_mf, recs,
         assert key == "PRIMARY KEY (user_id, rank)"
         assert tables(conn, "%staging%") == []
 
-        similar = table(conn, "recs_similar")
-        same_rows(similar, publish.similar_items(model, 4), ["item_id", "rank", "similar_item_id", "score"])
-        for item in similar.item_id.unique()[:5]:  # the ranking `dmf similar` prints
-            mine = similar[similar.item_id == item].sort_values("rank")
+        neighbours = table(conn, "recs_similar")
+        same_rows(neighbours, publish.similar_items(model, 4), ["item_id", "rank", "similar_item_id", "score"])
+        for item in neighbours.item_id.unique()[:5]:  # the ranking `dmf similar` prints
+            mine = neighbours[neighbours.item_id == item].sort_values("rank")
             theirs = similar.similar(model, int(item), 4)
             assert mine.similar_item_id.tolist() == theirs.item_id.tolist()
             assert mine.score.to_numpy() == pytest.approx(theirs.cosine.to_numpy(), abs=1e-6)
