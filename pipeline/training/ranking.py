@@ -115,11 +115,14 @@ class Objective(RowPenalty):
         self.user_gram = self.item_gram = None
 
     def refresh(self) -> None:
+        """Both Grams of the rows this rank owns, summed over the ranks in one allreduce."""
         with torch.no_grad():
-            users, items = self.users.weight[self.owned[0]], self.items.weight[self.owned[1]]
-            self.user_gram = self.hvd.allreduce(users.T @ users, op=self.hvd.Sum, name="ranking.user_gram")
+            users, items = (table.weight.index_select(0, rows) for table, rows in zip((self.users, self.items),
+                                                                                     self.owned))
             weighted = items * self.item_weight[self.owned[1], None]
-            self.item_gram = self.hvd.allreduce(weighted.T @ items, op=self.hvd.Sum, name="ranking.item_gram")
+            grams = self.hvd.allreduce(torch.stack([users.T @ users, weighted.T @ items]), op=self.hvd.Sum,
+                                       name="ranking.grams")
+            self.user_gram, self.item_gram = grams[0], grams[1]
 
     def loss(self, users: torch.Tensor, items: torch.Tensor, ratings: torch.Tensor, step: int) -> torch.Tensor:
         if step % self.refresh_every == 0:
