@@ -1,6 +1,7 @@
 """Compiled (numba) loops for the hot paths of training on the CPU: summing a sparse gradient's rows, applying
-Adagrad to the rows a step touched (pipeline.training.sparse), and mf's pair scores and their gradients
-(pipeline.models.mf). Each walks its arrays once, where the torch ops they replace take several passes and
+Adagrad to the rows a step touched (pipeline.training.sparse), mf's pair scores and their gradients
+(pipeline.models.mf), and the ranking objective's loss with its gradients by distinct row
+(pipeline.training.ranking). Each walks its arrays once, where the torch ops they replace take several passes and
 temporaries."""
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ def compiled():
     jit = numba.njit(cache=True, error_model="numpy")
     fast = numba.njit(cache=True, error_model="numpy", fastmath=True)
     return types.SimpleNamespace(sum_rows=jit(sum_rows), adagrad_rows=jit(adagrad_rows), mf_scores=fast(mf_scores),
-                                 mf_gradients=fast(mf_gradients))
+                                 mf_gradients=fast(mf_gradients), distinct_rows=jit(distinct_rows),
+                                 gram_rows=fast(gram_rows), pick_rows=fast(pick_rows))
 
 
 def sum_rows(indices, values, slot, sums, order):
@@ -94,3 +96,74 @@ def mf_gradients(user_rows, item_rows, user_bias, item_bias, users, items, d_sco
         b = d_bias_norms[k] + d_bias_norms[k]
         d_user_bias[u, 0] += g + b * user_bias[u, 0]
         d_item_bias[i, 0] += g + b * item_bias[i, 0]
+
+
+def distinct_rows(indices, marks, rows, multiplicity, places):
+    """The distinct values of indices in ascending order into rows[:m], how often each comes into multiplicity[:m],
+    and indices[k]'s place among them into places[k]; returns m. marks is a table-sized scratch of zeros, left
+    zero: a count per row, then the row's place."""
+    for k in range(len(indices)):
+        marks[indices[k]] += 1
+    m = 0
+    for r in range(len(marks)):  # a scan of the table: sorted rows without a sort
+        if marks[r]:
+            rows[m] = r
+            multiplicity[m] = marks[r]
+            marks[r] = m
+            m += 1
+    for k in range(len(indices)):
+        places[k] = marks[indices[k]]
+    for j in range(m):
+        marks[rows[j]] = 0
+    return m
+
+
+def gram_rows(vectors, rows, multiplicity, products, share, l2, scale, grads):
+    """The all-pairs and L2 terms of a batch's distinct rows: row r = rows[j], x = vectors[j] its vector, k =
+    multiplicity[j] how often the batch has it and p = products[j] its product with the other side's Gram matrix G,
+    charges k (share[r] x^T G x + l2[r] |x|^2) (its share of the all-pairs sum and its L2 per appearance, as often
+    as the batch has it); grads[j] is set to scale times that charge's gradient, 2 k (share[r] p + l2[r] x). Returns
+    the charges' sum (in float64)."""
+    d = vectors.shape[1]
+    zero, total = vectors.dtype.type(0), 0.0  # sums in the tables' precision, as torch's would be; the total in float64
+    two = scale + scale  # not 2 * scale: an int times a float32 is a float64
+    for j in range(len(rows)):
+        r = rows[j]
+        k = vectors.dtype.type(multiplicity[j])
+        a, b = k * share[r], k * l2[r]
+        charge = zero
+        for c in range(d):
+            x = vectors[j, c]
+            g = a * products[j, c] + b * x
+            charge += x * g
+            grads[j, c] = two * g
+        total += charge
+    return total
+
+
+def pick_rows(items, user_vectors, item_vectors, user_places, item_places, ratings, every, above, confidence,
+              item_weight, scale, user_grads, item_grads):
+    """The pairs' own terms: pair k, of item i = items[k], its user's vector x = user_vectors[user_places[k]] and
+    the item's y = item_vectors[item_places[k]], with s = <x, y> charges c (s - 1)^2 - w s^2 when it is a pick (every
+    rating is when `every`, else a rating > above) and nothing otherwise, c = 1 + confidence x its rating and w =
+    item_weight[i] the item's unpicked weight (the all-pairs term counted this pair as unpicked: that is taken
+    off). Adds scale times the charge's gradients by x and y to user_grads[user_places[k]] and
+    item_grads[item_places[k]]; returns the charges' sum (in float64)."""
+    d = user_vectors.shape[1]
+    zero, one, total = user_vectors.dtype.type(0), user_vectors.dtype.type(1), 0.0
+    for k in range(len(items)):
+        rating = ratings[k]
+        if not (every or rating > above):
+            continue
+        pu, pi = user_places[k], item_places[k]
+        s = zero
+        for e in range(d):
+            s += user_vectors[pu, e] * item_vectors[pi, e]
+        c, w = one + confidence * rating, item_weight[items[k]]
+        total += c * (s - one) * (s - one) - w * s * s
+        g = scale * (c * (s - one) - w * s)
+        g = g + g
+        for e in range(d):
+            user_grads[pu, e] += g * item_vectors[pi, e]
+            item_grads[pi, e] += g * user_vectors[pu, e]
+    return total

@@ -112,3 +112,64 @@ def test_a_model_without_a_ranking_dim_has_no_ranking_score_and_the_same_rating_
     torch.testing.assert_close(plain.user_embedding.weight, ranked.user_embedding.weight)
     users, items = ranked.ranking_factors()
     assert users.shape == (7, 4) and items.shape == (4, 9)
+
+
+def batch_with_repeats(seed=3, n_users=7, n_items=9, size=40):
+    """A batch of pairs in which users and items come several times, as in a real batch, sorted by user."""
+    g = torch.Generator().manual_seed(seed)
+    u = torch.sort(torch.randint(0, n_users, (size,), generator=g)).values
+    return u, torch.randint(0, n_items, (size,), generator=g), torch.randint(1, 6, (size,), generator=g).float()
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+@pytest.mark.parametrize("positive_above,l2_exponent,popularity_exponent,confidence",
+                         [(None, 0.0, 0.0, 0.0), (3.0, 1.0, 0.5, 0.5), (None, 1.0, -0.5, 2.0)])
+def test_the_compiled_rows_give_the_loss_and_gradients_of_the_torch_rows(sparse, positive_above, l2_exponent,
+                                                                          popularity_exponent, confidence):
+    """CompiledAllPairs (the CPU's path: per distinct row, by numba kernels) against AllPairsRows (per pair, torch)."""
+    u, i, r = ratings()
+    results = []
+    for compiled in (True, False):
+        torch.manual_seed(0)
+        model = models.build(spec(7, 9, dim=5))
+        for table in (model.ranking_user, model.ranking_item):
+            table.sparse = sparse
+        objective = ranking.Objective(model, (u, i, r), OneRank(), unobserved=0.3, l2=0.7, l2_exponent=l2_exponent,
+                                      popularity_exponent=popularity_exponent, confidence=confidence, top_rating=5.0,
+                                      positive_above=positive_above, batch=len(u),
+                                      owned=(torch.arange(7), torch.arange(9)))
+        objective.compiled = compiled
+        arriving = []  # what a gradient hook (optim.Rows.distinct) sees: before autograd accumulates it
+        for table in (model.ranking_user, model.ranking_item):
+            table.weight.register_hook(lambda g: arriving.append((g.is_coalesced(), g._indices()[0].tolist()))
+                                       if g.is_sparse else None)
+        total = 0.0
+        for seed in (3, 4):  # two steps: the second starts from the marks the first left
+            loss = objective.loss(*batch_with_repeats(seed), step=seed - 3)
+            (3 * loss).backward()  # a gradient from above other than 1
+            total += loss.item()
+        if compiled and sparse:  # each row once, in order, and marked so: the hook and the optimizer take it as it is
+            columns = [c for seed in (3, 4) for c in batch_with_repeats(seed)[:2]]
+            assert arriving == [(True, sorted(set(c.tolist()))) for c in columns]
+        grads = [t.weight.grad for t in (model.ranking_user, model.ranking_item)]
+        assert all(g.is_sparse == sparse for g in grads)
+        results.append((total, [g.to_dense() if sparse else g for g in grads]))
+    (got, got_grads), (want, want_grads) = results
+    assert got == pytest.approx(want, rel=1e-5)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
+def test_distinct_rows_are_the_sorted_unique_rows_with_their_counts_and_places():
+    from pipeline import kernels
+
+    rows = np.array([5, 2, 5, 9, 2, 5, 0], dtype=np.int64)
+    marks = np.zeros(12, dtype=np.int64)
+    distinct, multiplicity, places = (np.empty(len(rows), np.int64) for _ in range(3))
+    m = kernels.compiled().distinct_rows(rows, marks, distinct, multiplicity, places)
+    unique, inverse, counts = np.unique(rows, return_inverse=True, return_counts=True)
+    assert m == len(unique)
+    np.testing.assert_array_equal(distinct[:m], unique)
+    np.testing.assert_array_equal(multiplicity[:m], counts)
+    np.testing.assert_array_equal(places, inverse)
+    assert not marks.any()  # left as it was found, for the next batch

@@ -26,7 +26,7 @@ import math
 import numpy as np
 import torch
 
-from pipeline import metrics
+from pipeline import kernels, metrics
 from pipeline.scoring import topk
 
 VALID_USERS = 10_000  # per rank: validation NDCG is computed on a seeded sample of at most this many users
@@ -95,6 +95,8 @@ class Softmax(RowPenalty):
 class Objective(RowPenalty):
     """The ranking loss of one rank's batches (see the module docstring)."""
 
+    compiled = True  # on the CPU by CompiledAllPairs; False: AllPairsRows (the GPU's path, the tests' reference)
+
     def __init__(self, model, train: tuple[torch.Tensor, ...], hvd, *, unobserved: float, l2: float,
                  l2_exponent: float = 0.0, popularity_exponent: float = 0.0, confidence: float = 0.0,
                  top_rating: float = 1.0, positive_above: float | None, batch: int,
@@ -106,6 +108,9 @@ class Objective(RowPenalty):
         # ratings^b, a0 on average (eALS, He et al. 2016): a popular item the user passed over says more.
         popularity = self.item_counts ** popularity_exponent
         self.item_weight = unobserved * popularity * n_items / popularity.sum()
+        self.item_share = self.item_weight * self.per_item  # an item row's all-pairs share per appearance
+        # Scratch for kernels.distinct_rows (zeros between steps), made on first use on the CPU.
+        self.marks = None
         self.owned = owned
         size = hvd.size()
         # A refresh costs 2 (users + items) d^2 / size, a step's products with the Grams 2 batch d^2: refreshed
@@ -127,6 +132,8 @@ class Objective(RowPenalty):
     def loss(self, users: torch.Tensor, items: torch.Tensor, ratings: torch.Tensor, step: int) -> torch.Tensor:
         if step % self.refresh_every == 0:
             self.refresh()
+        if self.compiled and self.users.weight.device.type == "cpu":
+            return CompiledAllPairs.apply(self.users.weight, self.items.weight, users, items, ratings, self)
         x, y = self.users(users), self.items(items)
         positive = self.positive(ratings)
         # A pick's weight grows with its rating, to 1 + confidence at the top of the scale (Hu et al.'s confidence,
@@ -164,6 +171,59 @@ class AllPairsRows(torch.autograd.Function):
         d_y = torch.addcmul(torch.addcmul(x * d_s, gy, (2 * grad * per_item * weight)[:, None]), y,
                             (2 * grad * item_l2)[:, None])
         return d_x, d_y, *([None] * 9)
+
+
+class CompiledAllPairs(torch.autograd.Function):
+    """The batch's mean of AllPairsRows on the CPU, by compiled kernels (pipeline.kernels), with the tables'
+    gradients computed in the same passes and given by distinct row. A row that comes k times in a batch is charged
+    its all-pairs and L2 terms k times at once: one product with a Gram matrix for each distinct row instead of one
+    for each pair (a 65,536-pair batch at 138K x 27K holds 44K users and 16K items), the same sum. The gradients
+    come out as sparse tensors of distinct rows in ascending order, marked coalesced, which optim.Rows.distinct
+    takes as they are; or dense, for dense tables."""
+
+    @staticmethod
+    def forward(ctx, user_weight, item_weight, users, items, ratings, objective):
+        compiled = kernels.compiled()
+        if objective.marks is None:
+            objective.marks = np.zeros(len(user_weight), np.int64), np.zeros(len(item_weight), np.int64)
+        scale = user_weight.detach().numpy().dtype.type(1 / len(users))
+        grads, vectors, places, total = [], [], [], 0.0
+        for weight, rows, marks, gram, share, l2 in (
+                (user_weight, users, objective.marks[0], objective.item_gram, objective.per_user, objective.user_l2),
+                (item_weight, items, objective.marks[1], objective.user_gram, objective.item_share, objective.item_l2)):
+            distinct, multiplicity, place = (np.empty(len(rows), np.int64) for _ in range(3))
+            m = compiled.distinct_rows(rows.contiguous().numpy(), marks, distinct, multiplicity, place)
+            distinct = torch.from_numpy(distinct[:m])
+            # The rows once each, side by side: the kernels below read them in order, not scattered over the table.
+            rows_of = weight.detach().index_select(0, distinct)
+            grad = torch.empty_like(rows_of)
+            total += compiled.gram_rows(rows_of.numpy(), distinct.numpy(), multiplicity[:m], (rows_of @ gram).numpy(),
+                                        share.numpy(), l2.numpy(), scale, grad.numpy())
+            grads.append((distinct, grad))
+            vectors.append(rows_of.numpy())
+            places.append(place)
+        above = objective.positive_above
+        total += compiled.pick_rows(items.contiguous().numpy(), *vectors, *places, ratings.contiguous().numpy(),
+                                    above is None, scale.dtype.type(0 if above is None else above),
+                                    scale.dtype.type(objective.confidence), objective.item_weight.numpy(), scale,
+                                    grads[0][1].numpy(), grads[1][1].numpy())
+        ctx.grads, ctx.sparse = grads, (objective.users.sparse, objective.items.sparse)
+        ctx.shapes = user_weight.shape, item_weight.shape
+        return user_weight.new_tensor(total * scale)
+
+    @staticmethod
+    def backward(ctx, grad):
+        out = []
+        for (rows, values), sparse, shape in zip(ctx.grads, ctx.sparse, ctx.shapes):
+            if grad.item() != 1:
+                values = values * grad
+            if sparse:
+                out.append(torch.sparse_coo_tensor(rows[None], values, shape, check_invariants=False,
+                                                   is_coalesced=True))
+            else:
+                out.append(values.new_zeros(shape).index_copy_(0, rows, values))
+        ctx.grads = None
+        return *out, None, None, None, None
 
 
 def count_rows(hvd, column: torch.Tensor, n: int, name: str) -> torch.Tensor:
