@@ -114,3 +114,39 @@ def test_a_copied_optimizer_steps_like_the_original():
     train(model, optimizer, steps=2)
     train(model_copy, optimizer_copy, steps=2)
     assert torch.equal(model["table"].weight, model_copy["table"].weight)
+
+
+def coalesced(rows, values, n=50):
+    return torch.sparse_coo_tensor(torch.tensor([rows]), values, (n, values.shape[1]), is_coalesced=True)
+
+
+def test_a_gradient_with_each_row_once_steps_like_torch_adagrad_without_a_sum():
+    ours, theirs = sparse_model(), sparse_model()
+    mine = optim.Adagrad([ours["table"].weight], lr=0.1)
+    torch_adagrad = torch.optim.Adagrad([theirs["table"].weight], lr=0.1)
+    g = torch.Generator().manual_seed(2)
+    for step in range(4):
+        rows = sorted(torch.randperm(50, generator=g)[:7].tolist())
+        values = torch.randn(7, 8, generator=g)
+        ours["table"].weight.grad = coalesced(rows, values)
+        theirs["table"].weight.grad = coalesced(rows, values.clone()).coalesce()
+        mine.step()
+        torch_adagrad.step()
+        assert torch.allclose(ours["table"].weight, theirs["table"].weight, atol=1e-6), step
+    rows = mine._rows[ours["table"].weight]
+    assert len(rows.sums) == 0 and (rows.slot == -1).all()  # nothing summed into scratch; every place given back
+
+
+@pytest.mark.parametrize("local_rows", [[3, 9, 20], [3, 9]])
+def test_a_gradient_with_each_row_once_keeps_its_local_rows_back_without_a_sum(local_rows):
+    table = sparse_model()["table"].weight
+    local = np.zeros(50, dtype=bool)
+    local[local_rows] = True
+    rows = optim.Rows(table, local, ranks=2)
+    grad = coalesced([3, 9, 20], torch.arange(24, dtype=torch.float32).view(3, 8))
+    exchanged = rows.distinct(grad)
+    assert exchanged._indices()[0].tolist() == [r for r in (3, 9, 20) if r not in local_rows]
+    full = rows.with_local(exchanged)
+    torch.testing.assert_close(full.to_dense()[local_rows], grad.to_dense()[local_rows] / 2)
+    # every row local (a user table): what comes back is still each row once, in order, for the optimizer's fast path
+    assert full.is_coalesced() == (len(local_rows) == 3)

@@ -48,10 +48,14 @@ class Adagrad(torch.optim.Adagrad):
                 rows = self._rows.get(p)
                 if rows is None:
                     rows = self._rows[p] = Rows(p)
-                rows.add(p.grad)
+                if p.grad.is_coalesced():  # each row once already: applied from the gradient itself
+                    sums = rows.place(p.grad)
+                else:
+                    rows.add(p.grad)
+                    sums = rows.sums
                 weight = p.detach().numpy()
                 compiled().adagrad_rows(weight, state["sum"].numpy(), weight.dtype.type(lr),
-                                        weight.dtype.type(group["eps"]), rows.slot, rows.sums)
+                                        weight.dtype.type(group["eps"]), rows.slot, sums)
                 applied.append((p, p.grad))
                 p.grad = None  # hidden from torch's step below, which would apply it again
             return super().step()
@@ -84,21 +88,38 @@ class Rows:
             self.order = np.empty(len(indices), dtype=np.int64)
         return compiled().sum_rows(indices, values, self.slot, self.sums, self.order)
 
+    def place(self, grad: torch.Tensor) -> np.ndarray:
+        """For a gradient that holds each row once (coalesced): each row's place is its position in it. Returns
+        its values, which the places point into."""
+        indices = grad._indices()[0].numpy()
+        self.slot[indices] = np.arange(len(indices))
+        return grad._values().numpy()
+
     def distinct(self, grad: torch.Tensor) -> torch.Tensor | None:
         """A gradient hook: the same sparse gradient with each row once, less the local rows. A batch looks up
         popular items many times; summed first, the ranks exchange and apply each row once (a 32,768-pair batch
         on 138K x 27K tables touches 24.8K users and 9.6K items)."""
         if not grad.is_sparse or grad.device.type != "cpu":
             return None
-        seen = self.add(grad)
-        rows, sums = self.order[:seen], self.sums[:seen]
-        self.slot[rows] = -1
+        coalesced = grad.is_coalesced()  # each row once, in order (ranking.CompiledAllPairs gives them so)
+        if coalesced:
+            if self.local is None:
+                return None
+            rows, sums = grad._indices()[0].numpy(), grad._values().numpy()
+        else:
+            seen = self.add(grad)
+            rows, sums = self.order[:seen], self.sums[:seen]
+            self.slot[rows] = -1
         if self.local is None:
             rows, sums = rows.copy(), sums.copy()
         else:
             local = self.local[rows]
-            self.kept = (rows[local], sums[local] / sums.dtype.type(self.ranks))
-            rows, sums = rows[~local], sums[~local]
+            if local.all():  # a user table, the shards being split by user: nothing to pick out
+                self.kept = (rows.copy(), sums / sums.dtype.type(self.ranks), coalesced)
+                rows, sums = rows[:0], sums[:0]
+            else:
+                self.kept = (rows[local], sums[local] / sums.dtype.type(self.ranks), coalesced)
+                rows, sums = rows[~local], sums[~local]
         return torch.sparse_coo_tensor(torch.from_numpy(rows)[None], torch.from_numpy(sums), grad.shape,
                                        check_invariants=False)  # valid by construction
 
@@ -106,8 +127,11 @@ class Rows:
         """The exchanged gradient plus the local rows that `distinct` kept back from it."""
         if self.kept is None:
             return grad
-        rows, sums = self.kept
+        rows, sums, coalesced = self.kept
         self.kept = None
+        if coalesced and grad._nnz() == 0:  # nothing came from the exchange: the local rows, still each once in order
+            return torch.sparse_coo_tensor(torch.from_numpy(rows)[None], torch.from_numpy(sums), grad.shape,
+                                           check_invariants=False, is_coalesced=True)
         return torch.sparse_coo_tensor(torch.cat([grad._indices()[0], torch.from_numpy(rows)])[None],
                                        torch.cat([grad._values(), torch.from_numpy(sums)]), grad.shape,
                                        check_invariants=False)
