@@ -173,3 +173,45 @@ def test_distinct_rows_are_the_sorted_unique_rows_with_their_counts_and_places()
     np.testing.assert_array_equal(multiplicity[:m], counts)
     np.testing.assert_array_equal(places, inverse)
     assert not marks.any()  # left as it was found, for the next batch
+
+
+def test_gram_rows_charge_each_distinct_row_its_terms_times_its_multiplicity():
+    from pipeline import kernels
+
+    g = torch.Generator().manual_seed(5)
+    vectors, a = torch.randn(4, 6, generator=g), torch.randn(10, 6, generator=g)
+    gram, rows, multiplicity = a.T @ a, np.array([1, 4, 6, 9]), np.array([3, 1, 2, 5])
+    share, l2 = torch.rand(12, generator=g), torch.rand(12, generator=g)
+    grads, scale = np.empty((4, 6), np.float32), np.float32(0.25)
+    total = kernels.compiled().gram_rows(vectors.numpy(), rows, multiplicity, (vectors @ gram).numpy(), share.numpy(),
+                                         l2.numpy(), scale, grads)
+    x = vectors.clone().requires_grad_()
+    k, s, w = torch.from_numpy(multiplicity).float(), share[rows], l2[rows]
+    want = (k * (s * ((x @ gram) * x).sum(1) + w * x.pow(2).sum(1))).sum()
+    (scale * want).backward()
+    assert total == pytest.approx(want.item(), rel=1e-5)
+    torch.testing.assert_close(torch.from_numpy(grads), x.grad)
+
+
+@pytest.mark.parametrize("every", [True, False])
+def test_pick_rows_add_the_picks_own_terms_to_their_rows(every):
+    from pipeline import kernels
+
+    g = torch.Generator().manual_seed(6)
+    users, items = torch.randn(3, 5, generator=g), torch.randn(4, 5, generator=g)
+    user_places, item_places = np.array([0, 0, 1, 2, 2, 2]), np.array([3, 1, 1, 0, 3, 2])
+    item_ids = np.array([7, 2, 2, 0, 7, 5])
+    ratings = torch.tensor([1.0, 5, 3, 4, 2, 5])
+    weight, above, confidence, scale = torch.rand(8, generator=g), np.float32(2.5), np.float32(0.3), np.float32(0.5)
+    start = [torch.randn(3, 5, generator=g), torch.randn(4, 5, generator=g)]  # what gram_rows set
+    grads = [t.numpy().copy() for t in start]
+    total = kernels.compiled().pick_rows(item_ids, users.numpy(), items.numpy(), user_places, item_places,
+                                         ratings.numpy(), every, above, confidence, weight.numpy(), scale, *grads)
+    x, y = users.clone().requires_grad_(), items.clone().requires_grad_()
+    s = (x[user_places] * y[item_places]).sum(1)
+    pick = torch.ones(6) if every else (ratings > above).float()
+    want = (pick * ((1 + confidence * ratings) * (s - 1) ** 2 - weight[item_ids] * s ** 2)).sum()
+    (scale * want).backward()
+    assert total == pytest.approx(want.item(), rel=1e-5)
+    torch.testing.assert_close(torch.from_numpy(grads[0]), start[0] + x.grad)
+    torch.testing.assert_close(torch.from_numpy(grads[1]), start[1] + y.grad)
