@@ -122,7 +122,7 @@ def coalesced(rows, values, n=50):
 
 def test_a_gradient_with_each_row_once_steps_like_torch_adagrad_without_a_sum():
     ours, theirs = sparse_model(), sparse_model()
-    mine = optim.Adagrad([ours["table"].weight], lr=0.1)
+    mine = sparse.Adagrad([ours["table"].weight], lr=0.1)
     torch_adagrad = torch.optim.Adagrad([theirs["table"].weight], lr=0.1)
     g = torch.Generator().manual_seed(2)
     for step in range(4):
@@ -142,7 +142,7 @@ def test_a_gradient_with_each_row_once_keeps_its_local_rows_back_without_a_sum(l
     table = sparse_model()["table"].weight
     local = np.zeros(50, dtype=bool)
     local[local_rows] = True
-    rows = optim.Rows(table, local, ranks=2)
+    rows = sparse.Rows(table, local, ranks=2)
     grad = coalesced([3, 9, 20], torch.arange(24, dtype=torch.float32).view(3, 8))
     exchanged = rows.distinct(grad)
     assert exchanged._indices()[0].tolist() == [r for r in (3, 9, 20) if r not in local_rows]

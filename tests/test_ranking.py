@@ -131,7 +131,7 @@ def test_the_compiled_rows_give_the_loss_and_gradients_of_the_torch_rows(sparse,
     results = []
     for compiled in (True, False):
         torch.manual_seed(0)
-        model = models.build(spec(7, 9, dim=5))
+        model = registry.build(spec(7, 9, dim=5))
         for table in (model.ranking_user, model.ranking_item):
             table.sparse = sparse
         objective = ranking.Objective(model, (u, i, r), OneRank(), unobserved=0.3, l2=0.7, l2_exponent=l2_exponent,
@@ -139,7 +139,7 @@ def test_the_compiled_rows_give_the_loss_and_gradients_of_the_torch_rows(sparse,
                                       positive_above=positive_above, batch=len(u),
                                       owned=(torch.arange(7), torch.arange(9)))
         objective.compiled = compiled
-        arriving = []  # what a gradient hook (optim.Rows.distinct) sees: before autograd accumulates it
+        arriving = []  # what a gradient hook (sparse.Rows.distinct) sees: before autograd accumulates it
         for table in (model.ranking_user, model.ranking_item):
             table.weight.register_hook(lambda g: arriving.append((g.is_coalesced(), g._indices()[0].tolist()))
                                        if g.is_sparse else None)

@@ -178,7 +178,7 @@ class CompiledAllPairs(torch.autograd.Function):
     gradients computed in the same passes and given by distinct row. A row that comes k times in a batch is charged
     its all-pairs and L2 terms k times at once: one product with a Gram matrix for each distinct row instead of one
     for each pair (a 65,536-pair batch at 138K x 27K holds 44K users and 16K items), the same sum. The gradients
-    come out as sparse tensors of distinct rows in ascending order, marked coalesced, which optim.Rows.distinct
+    come out as sparse tensors of distinct rows in ascending order, marked coalesced, which sparse.Rows.distinct
     takes as they are; or dense, for dense tables."""
 
     @staticmethod
