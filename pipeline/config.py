@@ -121,6 +121,9 @@ class TrainConfig:
     ranking_popularity_exponent: float = Field(0.0, ge=-1, le=1)  # > 0: unpicked popular items weigh more, < 0 less
     ranking_positives: Literal["above_mean", "all"] = "all"
     ranking_confidence: float = Field(0.5, ge=0)  # a pick's weight: 1 + this x rating / top of the scale
+    # The lists are ordered by the ranking score + this x (predicted rating - mean) / (top - bottom of the scale):
+    # of the items a user would pick, those they would rate higher first (docs/benchmarks/topn.md).
+    ranking_rating_weight: float = Field(0.4, ge=0)
 
 
 @dataclass(config=SETTINGS)

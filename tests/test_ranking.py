@@ -1,4 +1,6 @@
 """The ranking objective's batch loss against the whole objective written out over every user x item pair."""
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -215,3 +217,31 @@ def test_pick_rows_add_the_picks_own_terms_to_their_rows(every):
     assert total == pytest.approx(want.item(), rel=1e-5)
     torch.testing.assert_close(torch.from_numpy(grads[0]), start[0] + x.grad)
     torch.testing.assert_close(torch.from_numpy(grads[1]), start[1] + y.grad)
+
+
+@pytest.mark.parametrize("kind", ["mf", "two_tower", "dmf", "neumf"])
+def test_the_ranking_score_adds_the_weighted_rating_head(kind):
+    """x_u . y_i + w (unclipped predicted rating - global mean) / (top - bottom): in the factors for the models
+    whose rating is a dot product, through ranking_rating_term for the others; w = 0 leaves the plain score."""
+    torch.manual_seed(3)
+    s = dataclasses.replace(spec(7, 9), model=kind, hidden=[5], rating_levels=[x / 2 for x in range(1, 11)])
+    plain, weighted = (registry.build(dataclasses.replace(s, ranking_rating_weight=w)).eval() for w in (0.0, 0.9))
+    weighted.load_state_dict(plain.state_dict())
+    with torch.no_grad():
+        for table in (plain.user_bias, plain.item_bias, weighted.user_bias, weighted.item_bias):
+            if table is not None:  # biases start at zero: give them a say
+                table.weight.copy_(torch.linspace(-1, 1, len(table.weight))[:, None])
+        users, items = torch.arange(7), torch.arange(9)
+        ranking = plain.ranking_user.weight @ plain.ranking_item.weight.T
+        rating = weighted.score_all(users, items, clip=False)
+    assert plain.ranking_rating_term(users) is None
+    torch.testing.assert_close(torch.matmul(*plain.ranking_factors()), ranking)
+    term = weighted.ranking_rating_term(users)
+    assert (term is None) == (kind in ("mf", "two_tower"))
+    got = torch.matmul(*weighted.ranking_factors()) + (0 if term is None else term)
+    torch.testing.assert_close(got, ranking + 0.9 / 4.5 * (rating - 3.0), rtol=1e-5, atol=1e-5)
+
+
+def test_a_negative_ranking_rating_weight_is_refused():
+    with pytest.raises(ValueError, match="ranking_rating_weight"):
+        ModelSpec.of({**dataclasses.asdict(spec(7, 9)), "ranking_rating_weight": -0.1})

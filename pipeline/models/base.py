@@ -95,17 +95,38 @@ class RatingModel(nn.Module):
         nn.init.zeros_(bag.weight)
         return bag
 
-    def add_ranking(self, dim: int, n_users: int, n_items: int) -> None:
+    def add_ranking(self, dim: int, n_users: int, n_items: int, rating_weight: float = 0.0) -> None:
         """The ranking score's own tables (none for dim 0): pipeline.training.ranking trains x_u . y_i to say which
-        unseen items a user picks, apart from the rating head, which keeps predicting ratings."""
+        unseen items a user picks, apart from the rating head, which keeps predicting ratings. The lists are ordered
+        by x_u . y_i + rating_weight x (unclipped predicted rating - global mean) / (top - bottom of the scale): of
+        the items a user would pick, those they would rate higher come first."""
+        self.ranking_rating_weight = 0.0
         if dim:
             self.ranking_user, self.ranking_item = embedding(n_users, dim), embedding(n_items, dim)
+            scale = float(self.levels[-1] - self.levels[0]) if len(self.levels) > 1 else 1.0
+            self.ranking_rating_weight = rating_weight / scale  # per rating point
 
     def ranking_factors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(user vectors, item vectors transposed) whose product is the ranking score; None without one."""
+        """(user vectors, item vectors transposed) whose product is the ranking score; None without one. The rating
+        head of a dot-product model rides along as extra columns; for the others `ranking_rating_term` adds it."""
         if self.ranking_user is None:
             return None
-        return self.ranking_user.weight.detach().contiguous(), self.ranking_item.weight.detach().T.contiguous()
+        with torch.no_grad():
+            users, items = self.ranking_user.weight, self.ranking_item.weight
+            if self.ranking_rating_weight and self.kind.dot_product:
+                rating_users, rating_items = self.rating_factors()
+                users = torch.cat([users, self.ranking_rating_weight * rating_users], dim=1)
+                items = torch.cat([items, rating_items], dim=1)
+            return users.detach().contiguous(), items.T.detach().contiguous()
+
+    def ranking_rating_term(self, users: torch.Tensor) -> torch.Tensor | None:
+        """[B, n_items]: what `ranking_factors` leave out of the users' ranking scores, the weighted rating head of a
+        model whose rating is no dot product; None where the factors hold the whole score."""
+        if self.ranking_user is None or not self.ranking_rating_weight or self.kind.dot_product:
+            return None
+        with torch.no_grad():
+            items = torch.arange(self.ranking_item.num_embeddings, device=users.device)
+            return self.ranking_rating_weight * (self.score_all(users, items, clip=False) - self.global_mean)
 
     def ranking_state(self) -> dict[str, torch.Tensor]:
         """A copy of the ranking score's tables, as state_dict entries ({} without one)."""

@@ -19,15 +19,23 @@ class DotProduct(RatingModel):
     def _grid(self, u: Side, i: Side) -> torch.Tensor:
         return self.biases(u.ids[:, None], i.ids[None, :]) + u.vectors @ i.vectors.T
 
-    def dot_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(user factors, item factors transposed) whose products are the unclipped ratings:
-        [u, 1, mean + b_u] . [v, b_i, 1] = mean + b_u + b_i + <u, v>, so one matrix product scores a block."""
+    def rating_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(user factors [U, k + 2], item factors [I, k + 2]): [u, 1, b_u] . [v, b_i, 1] = b_u + b_i + <u, v>, the
+        unclipped rating less the global mean."""
         with torch.no_grad():
             user_vectors, item_vectors = self.user_vectors(), self.item_vectors()
-            ones = torch.ones(len(user_vectors), 1)
-            users = torch.cat([user_vectors, ones, self.global_mean + self.user_bias.weight], dim=1)
-            items = torch.cat([item_vectors, self.item_bias.weight, torch.ones(len(item_vectors), 1)], dim=1)
-            return users.detach().contiguous(), items.T.detach().contiguous()
+            users = torch.cat([user_vectors, torch.ones(len(user_vectors), 1, device=user_vectors.device),
+                               self.user_bias.weight], dim=1)
+            items = torch.cat([item_vectors, self.item_bias.weight,
+                               torch.ones(len(item_vectors), 1, device=item_vectors.device)], dim=1)
+            return users, items
+
+    def dot_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(user factors, item factors transposed) whose products are the unclipped ratings, mean included, so that
+        one matrix product scores a block."""
+        users, items = self.rating_factors()
+        users[:, -1] += self.global_mean
+        return users.detach().contiguous(), items.T.detach().contiguous()
 
 
 class MF(DotProduct):

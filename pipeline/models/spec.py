@@ -65,6 +65,9 @@ class ModelSpec:
     max_genres: NonNegative
     item_history: NonNegative = 0  # training ratings the item history holds (0: none)
     ranking_dim: NonNegative = 0  # the ranking score's tables (0: none)
+    # How much the rating head adds to the ranking score that orders the lists (base.RatingModel.add_ranking); 0, as
+    # in a model trained before it existed: the plain ranking score.
+    ranking_rating_weight: Annotated[float, Field(ge=0)] = 0.0
 
     def __post_init__(self):
         check_settings(self.model, self.user_dim, self.item_dim, self.hidden, self.head)

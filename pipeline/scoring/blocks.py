@@ -78,6 +78,9 @@ def top_n(spark: SparkSession, build: Build, n_items: int, users: np.ndarray, se
                         scores[:, :n_items] = model.score_all(users, torch.arange(n_items), clip=False)
                     else:
                         dot_scores(dot, users, scores[:, :n_items])
+                        rating_term = model.ranking_rating_term(users) if order == "ranking" else None
+                        if rating_term is not None:
+                            scores[:, :n_items] += rating_term
                     mask_seen(scores, users.numpy(), seen_offsets, seen_items)
                     yield (best_rows(users, *top_k(scores, n)) if not candidates
                            else _rerank(model, users, *top_k(scores, candidates), n))

@@ -271,7 +271,13 @@ class Validation:
 
     def ndcg(self, model) -> float:
         users, items = (factors.cpu() for factors in model.ranking_factors())
-        lists = topk.top_lists(lambda block: users[torch.from_numpy(block)] @ items, self.users, self.seen, self.k)
+
+        def scores(block: np.ndarray) -> torch.Tensor:  # the ranking score recommend orders by
+            block = torch.from_numpy(block)
+            rating_term = model.ranking_rating_term(block.to(model.levels.device))
+            return users[block] @ items + (0 if rating_term is None else rating_term.cpu())
+
+        lists = topk.top_lists(scores, self.users, self.seen, self.k)
         result = metrics.ranking_metrics(lists, self.relevant, self.k)
         total = 0.0 if not result["users"] else result[f"ndcg@{self.k}"] * result["users"]
         summed = self.hvd.allreduce(torch.tensor([total, float(result["users"])], dtype=torch.float64),

@@ -32,7 +32,8 @@ def model_spec(t: TrainConfig, data: dict, data_dir: str) -> ModelSpec:
             "batch_norm": t.batch_norm, "head": t.head, "rating_levels": data["rating_levels"],
             "global_mean": data["global_mean"], "n_genres": len(data["genres"]) if t.genres else 0,
             "max_genres": max(1, data["max_genres"]) if t.genres else 0,
-            "item_history": history_length(t, data, data_dir), "ranking_dim": t.ranking_dim})
+            "item_history": history_length(t, data, data_dir), "ranking_dim": t.ranking_dim,
+            "ranking_rating_weight": t.ranking_rating_weight if t.ranking_dim else 0.0})
     except ValueError as e:
         raise ConfigError(str(e)) from e
 
