@@ -95,16 +95,19 @@ class RatingModel(nn.Module):
         nn.init.zeros_(bag.weight)
         return bag
 
-    def add_ranking(self, dim: int, n_users: int, n_items: int, rating_weight: float = 0.0) -> None:
+    def add_ranking(self, spec: ModelSpec) -> None:
         """The ranking score's own tables (none for dim 0): pipeline.training.ranking trains x_u . y_i to say which
         unseen items a user picks, apart from the rating head, which keeps predicting ratings. The lists are ordered
         by x_u . y_i + rating_weight x (unclipped predicted rating - global mean) / (top - bottom of the scale): of
         the items a user would pick, those they would rate higher come first."""
         self.ranking_rating_weight = 0.0
-        if dim:
-            self.ranking_user, self.ranking_item = embedding(n_users, dim), embedding(n_items, dim)
-            scale = float(self.levels[-1] - self.levels[0]) if len(self.levels) > 1 else 1.0
-            self.ranking_rating_weight = rating_weight / scale  # per rating point
+        if spec.ranking_dim:
+            dim = spec.ranking_dim
+            self.ranking_user, self.ranking_item = embedding(spec.n_users, dim), embedding(spec.n_items, dim)
+            # From the spec, not the levels buffer, which has no values when the model is built on the meta device.
+            levels = spec.rating_levels
+            scale = levels[-1] - levels[0] if len(levels) > 1 else 1.0
+            self.ranking_rating_weight = spec.ranking_rating_weight / scale  # per rating point
 
     def ranking_factors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(user vectors, item vectors transposed) whose product is the ranking score; None without one. The rating

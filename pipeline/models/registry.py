@@ -19,5 +19,5 @@ def build(spec: ModelSpec, item_genres: torch.Tensor | None = None,
     history.rating_history for the training ratings; without it, load_state_dict fills it."""
     model = CLASSES[spec.model](spec, item_genres, item_history)
     # After the rating tables, so that those start as they would in a model without a ranking score.
-    model.add_ranking(spec.ranking_dim, spec.n_users, spec.n_items, spec.ranking_rating_weight)
+    model.add_ranking(spec)
     return model
