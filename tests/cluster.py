@@ -127,8 +127,13 @@ class Cluster:
         script.chmod(0o755)
         env = {**self.daemon_env(host), "DMF_FAKE_GPU": FAKE_GPUS[host],
                "SPARK_WORKER_DIR": str(self.base / f"worker{host}"),
+               "SPARK_LOCAL_DIRS": str(self.base / "scratch"),  # executors' block managers: `stop` deletes them
+               # Each application unpacks the 520 MB archive to 1.7 GB in its work dir: the worker deletes it
+               # once the application has ended, as a long-running cluster should, so a suite does not fill the disk.
                "SPARK_WORKER_OPTS": f"-Dspark.worker.resource.gpu.amount=1 "
-                                    f"-Dspark.worker.resource.gpu.discoveryScript={script}"}
+                                    f"-Dspark.worker.resource.gpu.discoveryScript={script} "
+                                    f"-Dspark.worker.cleanup.enabled=true -Dspark.worker.cleanup.interval=20 "
+                                    f"-Dspark.worker.cleanup.appDataTtl=10"}
         self.daemons[f"worker{host}"] = self.in_host(
             host, [f"{SPARK_HOME}/bin/spark-class", "org.apache.spark.deploy.worker.Worker", "--host", address(host),
                    "--cores", "1", "--memory", "3g", self.master_url],
@@ -160,8 +165,14 @@ class Cluster:
     def submit(self, job: str, args: list[str], archive: Path, log: Path, conf: dict | None = None,
                wait: bool = True):
         """spark-submit jobs/<job>.py from the driver host, the environment shipped as users ship it."""
+        # The driver copies and unpacks the archive, and executors fetch it, into temporary directories that a
+        # killed JVM leaves behind: under the cluster's own scratch directory, which `stop` deletes, not /tmp.
+        scratch = self.base / "scratch"
+        scratch.mkdir(exist_ok=True)
         conf = {"spark.pyspark.python": "./environment/bin/python", "spark.pyspark.driver.python": sys.executable,
-                "spark.executor.memory": "1500m", "spark.ui.enabled": "false", **(conf or {})}
+                "spark.executor.memory": "1500m", "spark.ui.enabled": "false", "spark.local.dir": str(scratch),
+                "spark.driver.extraJavaOptions": f"-Djava.io.tmpdir={scratch}",
+                "spark.executor.extraJavaOptions": f"-Djava.io.tmpdir={scratch}", **(conf or {})}
         argv = [f"{SPARK_HOME}/bin/spark-submit", "--master", self.master_url, "--driver-memory", "1g",
                 "--archives", f"{archive}#environment"]
         for key, value in conf.items():
@@ -186,6 +197,9 @@ class Cluster:
                 os.killpg(proc.pid, signal.SIGKILL)
         self.daemons.clear()
         self.remove_hosts()
+        # The unpacked environments (1.7 GB an application and host); the logs stay for a failure's reader.
+        for unpacked in [self.base / "scratch", *self.base.glob("worker*/app-*/*/environment")]:
+            shutil.rmtree(unpacked, ignore_errors=True)
 
 
 @contextlib.contextmanager
