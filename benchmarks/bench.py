@@ -19,10 +19,8 @@ import argparse
 import datetime as dt
 import itertools
 import json
-import shlex
 import shutil
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -30,7 +28,7 @@ import numpy as np
 import torch
 from pyspark.ml.recommendation import ALS
 
-from benchmarks.common import ROOT, WORK, machine, ml20m_sized, render
+from benchmarks.common import ROOT, WORK, command, machine, ml20m_sized, render
 from benchmarks.prepare_bench import PeakMemory
 from benchmarks.recommend_bench import timed
 from pipeline import artifacts, config, evaluate, metrics, recommend, storage
@@ -449,7 +447,7 @@ def main() -> None:
     # ALS truncates its lineage every checkpointInterval (10) iterations only when a checkpoint directory is
     # set; without one, 20 iterations overflow the JVM stack when a task is serialized.
     spark.sparkContext.setCheckpointDir(f"{args.work}/als-checkpoints")
-    command = " ".join(shlex.quote(a) for a in [".venv/bin/python", "-m", "benchmarks.bench", *sys.argv[1:]])
+    ran = command("bench")
     for name, (conf, overrides, source) in todo.items():
         started = time.time()
         data_dir = data_dirs.get(name) or prepared(spark, name, source, config.load(conf, overrides), args.work)
@@ -458,7 +456,7 @@ def main() -> None:
         repeat = args.repeat or (3 if n_train < BIG else 1)
         result = bench_dataset(spark, name, conf, [*overrides, *args.set], data_dir, args.models.split(","), grid,
                                repeat, args.work)
-        result.update(command=command, machine=machine(), date=str(dt.date.today()),
+        result.update(command=ran, machine=machine(), date=str(dt.date.today()),
                       seconds=time.time() - started)
         publish(result, Path(args.out), Path(args.readme) if args.readme else None)
         print(f"{name}: {time.time() - started:.0f} s\n{table(result)}", flush=True)

@@ -1,9 +1,12 @@
-"""What the benchmark scripts share: the ML-20M-sized synthetic set and a description of the machine."""
+"""What the benchmark scripts share: the ML-20M-sized synthetic set, a description of the machine, the command line
+that ran, and the templates of their documents."""
 from __future__ import annotations
 
 import os
 import platform
+import shlex
 import string
+import sys
 from pathlib import Path
 
 import psutil
@@ -33,6 +36,11 @@ def machine() -> str:
     return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
             f"{psutil.virtual_memory().total / 2**30:.0f} GiB, {device}; load average {os.getloadavg()[0]:.1f} "
             f"at the start (the machine is shared: compare ratios within one run)")
+
+
+def command(module: str) -> str:
+    """The command line that ran this benchmark, for its document: `.venv/bin/python -m benchmarks.NAME ...`."""
+    return shlex.join([".venv/bin/python", "-m", f"benchmarks.{module}", *sys.argv[1:]])
 
 
 def render(template: str, **values: str) -> str:

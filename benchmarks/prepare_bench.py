@@ -14,14 +14,13 @@ import argparse
 import datetime as dt
 import os
 import platform
-import shlex
-import sys
 import threading
 import time
 from pathlib import Path
 
 import psutil
 
+from benchmarks.common import command
 from pipeline import config, storage
 from pipeline.data import prepare, synth
 from pipeline.spark import session
@@ -99,10 +98,10 @@ def main() -> None:
     load_after = os.getloadavg()
     rows = manifest["counts"]["input_rows"]
     load = " / ".join(" ".join(f"{x:.1f}" for x in avg) for avg in (load_before, load_after))
-    command = " ".join(shlex.quote(a) for a in [".venv/bin/python", "-m", "benchmarks.prepare_bench", *sys.argv[1:]])
+    ran = command("prepare_bench")
     line = (f"| {dt.date.today()} | {rows:,} | {manifest['counts']['users']:,} | {manifest['counts']['items']:,} | "
             f"{args.master} | {seconds:.1f} | {rows / seconds:,.0f} | {cpu:.0f} | {memory.peak / 2**30:.2f} | "
-            f"{load} | `{command}` |")
+            f"{load} | `{ran}` |")
     print(f"prepare: {rows:,} rows in {seconds:.1f} s = {rows / seconds:,.0f} rows/s, {cpu:.0f} CPU s, peak memory "
           f"{memory.peak / 2**30:.2f} GiB (driver, JVM and workers), load average (1, 5, 15 min) {load} before / after")
     out = Path(args.out)

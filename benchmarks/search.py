@@ -22,6 +22,7 @@ from pathlib import Path
 
 import yaml
 
+from benchmarks.common import command
 from pipeline import config, storage
 from pipeline.training import train
 from pipeline.training.loop import rank_main
@@ -108,10 +109,8 @@ def main() -> None:
     print(text)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        command = f"python -m benchmarks.search --config {args.config} --data {args.data} --grid {args.grid}" + \
-            "".join(f" --set {s}" for s in args.set) + (" --sort ndcg" if args.sort == "ndcg" else "")
         Path(args.out).write_text(f"# Hyper-parameter search on {data['dataset']}\n\n"
-                                  f"Measured with `{command}`; validation split of {args.data} "
+                                  f"Measured with `{command('search')}`; validation split of {args.data} "
                                   f"({data['counts']['train']:,} train, {data['counts']['valid']:,} validation "
                                   f"ratings). One process stands in for the configured ranks (same global batch "
                                   f"and learning rate).\n\n{text}\n")

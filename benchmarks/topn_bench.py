@@ -13,8 +13,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import itertools
-import shlex
-import sys
 import time
 from pathlib import Path
 
@@ -22,7 +20,7 @@ import torch
 from pyspark.ml.recommendation import ALS
 
 from benchmarks.bench import ML100K, _factors, prepared
-from benchmarks.common import ROOT, WORK, machine
+from benchmarks.common import ROOT, WORK, command, machine
 from pipeline import artifacts, config, evaluate, peers, storage
 from pipeline.scoring import topk
 from pipeline.spark import session
@@ -113,8 +111,8 @@ def main() -> None:
     rows = []
     for name, (overrides, source) in todo.items():
         rows += rows_for(spark, name, args.config, overrides, source, args.work)
-    command = " ".join(shlex.quote(a) for a in [".venv/bin/python", "-m", "benchmarks.topn_bench", *sys.argv[1:]])
-    text = document(rows, command)
+    ran = command("topn_bench")
+    text = document(rows, ran)
     Path(args.out).write_text(text)
     print(text)
 

@@ -16,14 +16,12 @@ train-accuracy.md.
 from __future__ import annotations
 
 import argparse
-import shlex
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-from benchmarks.common import ROOT, WORK, machine, ml20m_sized
+from benchmarks.common import ROOT, WORK, command, machine, ml20m_sized
 from pipeline import artifacts, config, storage
 from pipeline.models import registry
 from pipeline.models.spec import ModelSpec
@@ -119,7 +117,7 @@ def main() -> None:
     lines = [f"# training benchmark\n\nWritten by `python -m benchmarks.train_bench`. Machine: {machine()}.\n"]
     if args.accuracy_data:
         lines += [f"## Accuracy of the gradient exchange variants on {args.accuracy_data}\n",
-                  f"`{' '.join(shlex.quote(a) for a in ['-m', 'benchmarks.train_bench', *sys.argv[1:]])}`, "
+                  f"`{command('train_bench')}`, "
                   "2 ranks, trained to early stopping.\n",
                   "| model | optimizer | gradients | valid RMSE | best epoch | seconds |",
                   "| --- | --- | --- | --- | --- | --- |"]
@@ -140,7 +138,7 @@ def main() -> None:
         exchange = exchange_alone([items], args.dim)  # users' rows stay on their rank: the shards split by user
         lines += [f"## Throughput on {n_users:,} users x {n_items:,} items ({manifest['counts']['train']:,} "
                   f"training ratings), embeddings of {args.dim}\n",
-                  f"`python -m benchmarks.train_bench --batch {args.batch} --epochs {args.epochs}`: batch "
+                  f"`{command('train_bench')}`: batch "
                   f"{args.batch:,} per rank. Reference, a plain single-process PyTorch loop (mf, Adam, batch "
                   f"{2 * args.batch:,}): {reference:,.0f} samples/s.\n",
                   f"The exchange alone: a batch of {args.batch:,} pairs touches {users:,} users, whose rows stay on "
