@@ -114,12 +114,8 @@ class Rows:
             rows, sums = rows.copy(), sums.copy()
         else:
             local = self.local[rows]
-            if local.all():  # a user table, the shards being split by user: nothing to pick out
-                self.kept = (rows.copy(), sums / sums.dtype.type(self.ranks), coalesced)
-                rows, sums = rows[:0], sums[:0]
-            else:
-                self.kept = (rows[local], sums[local] / sums.dtype.type(self.ranks), coalesced)
-                rows, sums = rows[~local], sums[~local]
+            self.kept = (rows[local], sums[local] / sums.dtype.type(self.ranks), coalesced)
+            rows, sums = rows[~local], sums[~local]
         return torch.sparse_coo_tensor(torch.from_numpy(rows)[None], torch.from_numpy(sums), grad.shape,
                                        check_invariants=False)  # valid by construction
 
