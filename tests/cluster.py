@@ -61,6 +61,9 @@ def usable() -> str | None:
 class Cluster:
     def __init__(self, base: Path):
         self.base = base
+        # The driver copies and unpacks the archive, and executors fetch it, into temporary and local directories
+        # that a killed JVM leaves behind: here, not /tmp, so that `stop` deletes them.
+        self.scratch = base / "scratch"
         self.master_url = f"spark://{address(0)}:{MASTER_PORT}"
         self.daemons: dict[str, subprocess.Popen] = {}
 
@@ -115,6 +118,7 @@ class Cluster:
 
     def start_master(self) -> None:
         (self.base / "logs").mkdir(parents=True, exist_ok=True)
+        self.scratch.mkdir(exist_ok=True)
         self.daemons["master0"] = self.in_host(
             0, [f"{SPARK_HOME}/bin/spark-class", "org.apache.spark.deploy.master.Master", "--host", address(0),
                 "--port", str(MASTER_PORT), "--webui-port", str(MASTER_UI_PORT)],
@@ -127,7 +131,7 @@ class Cluster:
         script.chmod(0o755)
         env = {**self.daemon_env(host), "DMF_FAKE_GPU": FAKE_GPUS[host],
                "SPARK_WORKER_DIR": str(self.base / f"worker{host}"),
-               "SPARK_LOCAL_DIRS": str(self.base / "scratch"),  # executors' block managers: `stop` deletes them
+               "SPARK_LOCAL_DIRS": str(self.scratch),  # the executors' block managers
                # Each application unpacks the 520 MB archive to 1.7 GB in its work dir: the worker deletes it
                # once the application has ended, as a long-running cluster should, so a suite does not fill the disk.
                "SPARK_WORKER_OPTS": f"-Dspark.worker.resource.gpu.amount=1 "
@@ -165,14 +169,10 @@ class Cluster:
     def submit(self, job: str, args: list[str], archive: Path, log: Path, conf: dict | None = None,
                wait: bool = True):
         """spark-submit jobs/<job>.py from the driver host, the environment shipped as users ship it."""
-        # The driver copies and unpacks the archive, and executors fetch it, into temporary directories that a
-        # killed JVM leaves behind: under the cluster's own scratch directory, which `stop` deletes, not /tmp.
-        scratch = self.base / "scratch"
-        scratch.mkdir(exist_ok=True)
         conf = {"spark.pyspark.python": "./environment/bin/python", "spark.pyspark.driver.python": sys.executable,
-                "spark.executor.memory": "1500m", "spark.ui.enabled": "false", "spark.local.dir": str(scratch),
-                "spark.driver.extraJavaOptions": f"-Djava.io.tmpdir={scratch}",
-                "spark.executor.extraJavaOptions": f"-Djava.io.tmpdir={scratch}", **(conf or {})}
+                "spark.executor.memory": "1500m", "spark.ui.enabled": "false", "spark.local.dir": str(self.scratch),
+                "spark.driver.extraJavaOptions": f"-Djava.io.tmpdir={self.scratch}",
+                "spark.executor.extraJavaOptions": f"-Djava.io.tmpdir={self.scratch}", **(conf or {})}
         argv = [f"{SPARK_HOME}/bin/spark-submit", "--master", self.master_url, "--driver-memory", "1g",
                 "--archives", f"{archive}#environment"]
         for key, value in conf.items():
@@ -198,7 +198,7 @@ class Cluster:
         self.daemons.clear()
         self.remove_hosts()
         # The unpacked environments (1.7 GB an application and host); the logs stay for a failure's reader.
-        for unpacked in [self.base / "scratch", *self.base.glob("worker*/app-*/*/environment")]:
+        for unpacked in [self.scratch, *self.base.glob("worker*/app-*/*/environment")]:
             shutil.rmtree(unpacked, ignore_errors=True)
 
 
