@@ -48,13 +48,16 @@ def spark_table(spark: SparkSession, data_dir: str, data: dict, name: str) -> Da
 
 
 def seen_items(data_dir: str, data: dict, splits: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
-    """The item_idx each user rated in the given splits, as `topk.by_user` returns them.
+    """The item_idx each user rated in the given splits, as `topk.by_user` returns them, each user's in the order
+    rated (by timestamp, then item): the last ones are the user's latest (topk.recent_queries).
 
     Read on the driver and broadcast to the scoring tasks (8 bytes a rating: 160 MB for ML-20M): a Spark
     groupBy into lists, shuffled to the tasks, took longer than the scoring itself."""
-    frames = [read_table(data_dir, data, split, columns=["user_idx", "item_idx"]) for split in splits]
-    return by_user(np.concatenate([f.user_idx.to_numpy() for f in frames]),
-                   np.concatenate([f.item_idx.to_numpy() for f in frames]), data["counts"]["users"])
+    frames = [read_table(data_dir, data, split, columns=["user_idx", "item_idx", "timestamp"]) for split in splits]
+    users, items, times = (np.concatenate([f[c].to_numpy() for f in frames])
+                           for c in ("user_idx", "item_idx", "timestamp"))
+    order = np.lexsort((items, times, users))
+    return by_user(users[order], items[order], data["counts"]["users"])
 
 
 def load_model(model_dir: str) -> tuple[RatingModel, dict]:

@@ -15,7 +15,7 @@ from pyspark.sql import SparkSession
 from pipeline import metrics, peers, storage
 from pipeline.artifacts import load_model, model_and_data, read_table, seen_items, spark_table
 from pipeline.config import Config
-from pipeline.recommend import ORDERS, list_order
+from pipeline.recommend import ORDERS, list_order, recent_items
 from pipeline.scoring.blocks import predict_pairs, ship, top_n
 
 log = logging.getLogger(__name__)
@@ -36,6 +36,7 @@ def evaluate(spark: SparkSession, cfg: Config, model_dir: str, data_dir: str | N
     items = read_table(data_dir, data, "items").sort_values("item_idx")
     report = {"model": model_dir, "data": data_dir, "k": cfg.evaluate.k,
               "relevant_rating": cfg.evaluate.relevant_rating, "order": order,
+              "recent": dict(zip(("items", "weight"), recent_items(cfg, order))),
               "rating": rating_errors(scored, data["rating_levels"]),
               **ranking(spark, cfg, build, data_dir, data, order, items.train_count.to_numpy())}
     sample = scored.select("prediction", "rating").limit(SAMPLE_FOR_PLOTS).toPandas()
@@ -82,7 +83,7 @@ def ranking(spark: SparkSession, cfg: Config, build, data_dir: str, data: dict, 
              .groupby("user_idx").item_idx.apply(set))
     seen = seen_items(data_dir, data, ("train",))
     ranked = top_n(spark, build, data["counts"]["items"], truth.index.to_numpy(), seen, k,
-                   cfg.recommend.users_per_block, order=order).toPandas()
+                   cfg.recommend.users_per_block, order=order, recent=recent_items(cfg, order)).toPandas()
     lists = ranked.groupby("user_idx", sort=False).item_idx.apply(list)  # in rank order already
     judged_users = truth.index.intersection(lists.index)
     relevant = [truth[u] for u in judged_users]

@@ -40,6 +40,14 @@ def list_order(cfg: Config, model_dir: str, has_ranking: bool) -> str:
     return wanted
 
 
+def recent_items(cfg: Config, order: str) -> tuple[int, float]:
+    """(items, weight): how far each user's ranking query leans towards their latest items (topk.recent_queries);
+    off unless the lists are ordered by the ranking score."""
+    if order != "ranking":
+        return 0, 0.0
+    return cfg.recommend.recent_items, cfg.recommend.recent_weight
+
+
 def retrieval_model(cfg: Config, model_dir: str, data_dir: str, retrieval_model_dir: str | None) -> str | None:
     """The model that retrieves two-stage candidates (None when recommend.candidates is 0), checked before any
     Spark work: a dot-product model trained on the same prepared data as the model."""
@@ -84,7 +92,8 @@ def recommend(spark: SparkSession, cfg: Config, model_dir: str, data_dir: str | 
         return top.join(F.broadcast(items), "item_idx").join(F.broadcast(users), "user_idx")
 
     n_items = data["counts"]["items"]
-    top = top_n(spark, build, n_items, every_user, seen, n, block, order, build_retrieval, candidates)
+    recent = recent_items(cfg, order)
+    top = top_n(spark, build, n_items, every_user, seen, n, block, order, build_retrieval, candidates, recent)
     with storage.publish(out, "recommend", force) as tmp:
         writer = with_ids(top).select("user_id", "rank", "item_id", "score", "title").write
         if cfg.recommend.format == "csv":
@@ -107,6 +116,7 @@ def recommend(spark: SparkSession, cfg: Config, model_dir: str, data_dir: str | 
                          "users_checked": int(exact.user_id.nunique())}
         storage.write_manifest(tmp, {
             "stage": "recommend", "model": model_dir, "data": data_dir, "top_n": n, "order": order,
+            "recent": {"items": recent[0], "weight": recent[1]},
             "format": cfg.recommend.format, "path": "recommendations",
             "counts": {"users": int(written.user_id.nunique()), "rows": len(written),
                        "items_covered": int(written.item_id.nunique()), "catalog": data["counts"]["items"]},

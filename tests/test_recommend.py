@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline import artifacts, config, evaluate, peers, recommend
+from pipeline import artifacts, config, evaluate, peers, recommend, storage
 from pipeline.config import ConfigError
 from pipeline.scoring import blocks, topk
 from pipeline.storage import StageError
@@ -60,7 +60,13 @@ def test_top_n_for_every_user_unseen_ordered_and_equal_to_brute_force(spark, tra
     assert not recs.duplicated(["user_id", "item_id"]).any()
     model, _ = artifacts.load_model(str(base / "model"))
     assert m["order"] == "ranking" and "ordered by the model's ranking score" in recommend.summary(m, "out")
+    assert m["recent"] == {"items": cfg.recommend.recent_items, "weight": cfg.recommend.recent_weight} == {
+        "items": 5, "weight": 0.2}
     user_vectors, item_vectors = model.ranking_factors()
+    dim = model.ranking_user.embedding_dim
+    for u, last in seen.sort_values(["timestamp", "item_idx"]).groupby("user_idx").item_idx:
+        v = item_vectors[:dim, last.to_numpy()[-5:]].sum(dim=1)  # each user's query leans to their last 5 items
+        user_vectors[u, :dim] += 0.2 * user_vectors[u, :dim].norm() * v / v.norm()
     grid = (user_vectors @ item_vectors).numpy()
     id_of_user = dict(zip(users.user_idx, users.user_id))
     id_of_item = dict(zip(items.item_idx, items.item_id))
@@ -73,7 +79,7 @@ def test_top_n_for_every_user_unseen_ordered_and_equal_to_brute_force(spark, tra
         assert not set(got.item_id) & {id_of_item[i] for i in rated}
         assert np.all(np.diff(got.score.to_numpy()) <= 1e-6)
         best = np.sort(scores[np.isfinite(scores)])[::-1][:len(want)][::-1]
-        np.testing.assert_allclose(np.sort(got.score.to_numpy()), best, rtol=1e-5)
+        np.testing.assert_allclose(np.sort(got.score.to_numpy()), best, rtol=1e-5, atol=1e-6)
 
 
 def test_the_order_is_the_ranking_score_when_the_model_has_one(tmp_path):
@@ -218,3 +224,34 @@ def test_mask_seen_masks_each_rows_user_from_the_by_user_lists():
     assert seen[0].tolist() == [0, 1, 1, 2, 4, 4] and seen[1].tolist() == [4, 0, 1, 3]
     scores = topk.mask_seen(torch.zeros(4, 5), np.array([3, 1, 0, 3]), *seen)
     assert torch.isinf(scores).nonzero().tolist() == [[0, 1], [0, 3], [2, 4], [3, 1], [3, 3]]
+
+
+def test_recent_queries_lean_each_users_ranking_columns_towards_their_last_items():
+    torch.manual_seed(0)
+    user_factors, item_factors = torch.randn(4, 5), torch.randn(5, 6)  # columns 0-2 ranking, 3-4 rating head
+    seen = topk.by_user(np.array([0, 0, 0, 2, 3]), np.array([5, 1, 4, 2, 0]), 4)  # in the order rated; 1 none
+    users = np.array([3, 0, 1, 0])
+    got = topk.recent_queries((user_factors, item_factors), users, *seen, recent=2, weight=0.5, dim=3)
+    for row, user in enumerate(users):
+        want = user_factors[user].clone()
+        last = {0: [1, 4], 1: [], 3: [0]}[int(user)]  # user 0's last two, not item 5
+        if last:
+            v = item_factors[:3, last].sum(dim=1)
+            want[:3] += 0.5 * want[:3].norm() * v / v.norm()
+        torch.testing.assert_close(got[row], want)
+    plain = topk.recent_queries((user_factors, item_factors), users, *seen, recent=0, weight=0.5, dim=3)
+    assert torch.equal(plain, user_factors[users])
+
+
+def test_seen_items_lists_each_users_items_in_the_order_rated(trained):
+    cfg, base = trained
+    data_dir = str(base / "data")
+    data = storage.read_manifest(data_dir, "prepare")
+    offsets, items = artifacts.seen_items(data_dir, data, ("train",))
+    train_rows = artifacts.read_table(data_dir, data, "train", columns=["user_idx", "item_idx", "timestamp"])
+    when = dict(zip(zip(train_rows.user_idx, train_rows.item_idx), train_rows.timestamp))
+    for user in range(0, len(offsets) - 1, 7):
+        row = items[offsets[user]:offsets[user + 1]]
+        times = [when[(user, int(item))] for item in row]
+        assert times == sorted(times) and sorted(row.tolist()) == sorted(
+            train_rows.item_idx[train_rows.user_idx == user].tolist())

@@ -26,7 +26,7 @@ from pyspark.sql.types import FloatType
 from pipeline.models import registry
 from pipeline.models.base import RatingModel
 from pipeline.models.spec import ModelSpec
-from pipeline.scoring.topk import TOPK_CHUNK, best_rows, dot_scores, mask_seen, top_k
+from pipeline.scoring.topk import TOPK_CHUNK, best_rows, dot_scores, mask_seen, recent_queries, top_k
 
 TOP_SCHEMA = "user_idx int, rank int, item_idx int, score float"
 Build = Callable[[], RatingModel]
@@ -51,15 +51,18 @@ def ship(spark: SparkSession, model: RatingModel, spec: dict) -> Build:
 
 def top_n(spark: SparkSession, build: Build, n_items: int, users: np.ndarray, seen: tuple[np.ndarray, np.ndarray],
           n: int, block: int, order: str = "rating", retrieval: Build | None = None,
-          candidates: int = 0) -> DataFrame:
+          candidates: int = 0, recent: tuple[int, float] = (0, 0.0)) -> DataFrame:
     """(user_idx, rank, item_idx, score) for the given users, best first, in the order of `users`; the items
     of `seen` (artifacts.seen_items) are left out. `order` is what ranks the items: "ranking" (the model's ranking
-    score) or "rating" (its unclipped predicted rating). With `candidates` > 0 the model scores only each user's
-    best `candidates` unseen items by the `retrieval` model (a dot-product model trained on the same data)."""
+    score, each user's query leaning towards their `recent` = (items, weight) last rated: topk.recent_queries) or
+    "rating" (its unclipped predicted rating). With `candidates` > 0 the model scores only each user's best
+    `candidates` unseen items by the `retrieval` model (a dot-product model trained on the same data)."""
     shipped = spark.sparkContext.broadcast((np.asarray(users, dtype=np.int64), *seen))
+    recent = recent if order == "ranking" else (0, 0.0)
 
     def score(batches):
         model = build()
+        recent_dim = model.ranking_user.embedding_dim if order == "ranking" else 0
         if order == "ranking":
             dot = model.ranking_factors()
         elif candidates:
@@ -77,7 +80,8 @@ def top_n(spark: SparkSession, build: Build, n_items: int, users: np.ndarray, se
                     if dot is None:
                         scores[:, :n_items] = model.score_all(users, torch.arange(n_items), clip=False)
                     else:
-                        dot_scores(dot, users, scores[:, :n_items])
+                        queries = recent_queries(dot, users.numpy(), seen_offsets, seen_items, *recent, recent_dim)
+                        dot_scores(queries, dot[1], scores[:, :n_items])
                         rating_term = model.ranking_rating_term(users) if order == "ranking" else None
                         if rating_term is not None:
                             scores[:, :n_items] += rating_term

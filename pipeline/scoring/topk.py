@@ -25,22 +25,44 @@ def by_user(users: np.ndarray, items: np.ndarray, n_users: int) -> tuple[np.ndar
 DOT_ITEM_CHUNK = 4096  # items per matrix product: a block's scores for them stay in cache for the write
 
 
-def dot_scores(factors: tuple[torch.Tensor, torch.Tensor], users: torch.Tensor, out: torch.Tensor) -> None:
-    user_factors, item_factors = factors
-    u = user_factors[users]
+def dot_scores(queries: torch.Tensor, item_factors: torch.Tensor, out: torch.Tensor) -> None:
+    """out = queries @ item_factors, in chunks of items."""
     for start in range(0, item_factors.shape[1], DOT_ITEM_CHUNK):
         end = start + DOT_ITEM_CHUNK
-        torch.mm(u, item_factors[:, start:end], out=out[:, start:end])
+        torch.mm(queries, item_factors[:, start:end], out=out[:, start:end])
+
+
+def recent_queries(factors: tuple[torch.Tensor, torch.Tensor], users: np.ndarray, offsets: np.ndarray,
+                   items: np.ndarray, recent: int, weight: float, dim: int) -> torch.Tensor:
+    """The users' rows of factors[0] (user vectors, item vectors transposed), their first `dim` columns x leaning
+    towards the item vectors of each user's last `recent` items (items[offsets[u]:offsets[u + 1]], in the order
+    rated): x + weight |x| v / |v|, v the sum of those items' first `dim` columns. A user with no items keeps x."""
+    user_factors, item_factors = factors
+    queries = user_factors[torch.from_numpy(users)]  # a copy: rows picked by index
+    if not recent or not weight:
+        return queries
+    ends = offsets[users + 1]
+    rows, at = _runs(np.maximum(offsets[users], ends - recent), ends)
+    picked = item_factors[:dim, torch.from_numpy(items[at].astype(np.int64))].T
+    v = torch.zeros(len(users), dim, dtype=queries.dtype).index_add_(0, torch.from_numpy(rows), picked)
+    x = queries[:, :dim]
+    x += weight * x.norm(dim=1, keepdim=True) / v.norm(dim=1, keepdim=True).clamp_min(1e-12) * v
+    return queries
 
 
 def mask_seen(scores: torch.Tensor, users: np.ndarray, offsets: np.ndarray, items: np.ndarray) -> torch.Tensor:
     """Set row r's items[offsets[users[r]]:offsets[users[r] + 1]] (what user users[r] rated) to -inf."""
-    starts = offsets[users]
-    lengths = offsets[users + 1] - starts
-    rows = np.repeat(np.arange(len(users)), lengths)
-    at = np.repeat(starts - (np.cumsum(lengths) - lengths), lengths) + np.arange(lengths.sum())
+    rows, at = _runs(offsets[users], offsets[users + 1])
     scores[torch.from_numpy(rows), torch.from_numpy(items[at].astype(np.int64))] = -torch.inf
     return scores
+
+
+def _runs(starts: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(row, position) of every position in the runs [starts[r], ends[r]), run by run."""
+    lengths = ends - starts
+    rows = np.repeat(np.arange(len(starts)), lengths)
+    at = np.repeat(starts - (np.cumsum(lengths) - lengths), lengths) + np.arange(lengths.sum())
+    return rows, at
 
 
 TOPK_CHUNK = 128  # columns per chunk in top_k's first pass
