@@ -23,6 +23,7 @@ from benchmarks.bench import ML100K, _factors, prepared
 from benchmarks.common import ROOT, WORK, command, machine
 from pipeline import artifacts, config, evaluate, peers, storage
 from pipeline.scoring import topk
+from pipeline.scoring.blocks import ship
 from pipeline.spark import session
 from pipeline.training import train
 
@@ -31,6 +32,8 @@ SPLITS = {"ml-100k": [], "ml-100k-temporal": ["prepare.split.method=user_tempora
 # rank x regParam x alpha; Spark's implicit ALS takes the rating as the confidence strength (1 + alpha r).
 ALS_GRID = list(itertools.product((64, 128), (0.01, 0.1, 1.0), (0.03, 0.1, 1.0)))
 ALS_ITERS = 15
+# recommend.recent_items x recent_weight (the shipped 5 x 0.2 among them), and off
+RECENT_GRID = [(0, 0.0)] + list(itertools.product((3, 5, 10), (0.1, 0.2, 0.3)))
 
 
 def als_implicit(spark, data_dir: str, data: dict, k: int, relevant_rating: float) -> dict:
@@ -60,6 +63,21 @@ def als_implicit(spark, data_dir: str, data: dict, k: int, relevant_rating: floa
     return {**best, "tried": len(tried)}
 
 
+def recent_grid(spark, conf: str, overrides: list[str], model: str, data_dir: str) -> list[dict]:
+    """NDCG@k and recall@k of the model's lists for each (recent_items, recent_weight) of RECENT_GRID."""
+    data = storage.read_manifest(data_dir, "prepare")
+    built, manifest = artifacts.load_model(model)
+    build = ship(spark, built, manifest["spec"])
+    counts = artifacts.read_table(data_dir, data, "items").sort_values("item_idx").train_count.to_numpy()
+    rows = []
+    for items, weight in RECENT_GRID:
+        cfg = config.load(conf, [*overrides, f"recommend.recent_items={items}", f"recommend.recent_weight={weight}"])
+        judged = evaluate.ranking(spark, cfg, build, data_dir, data, "ranking", counts)["ranking"]
+        rows.append({"items": items, "weight": weight, **judged})
+        print(f"recent {items} x {weight}: NDCG@{cfg.evaluate.k} {judged[f'ndcg@{cfg.evaluate.k}']:.4f}", flush=True)
+    return rows
+
+
 def rows_for(spark, name: str, conf: str, overrides: list[str], source, work: str) -> list[dict]:
     cfg = config.load(conf, overrides)
     data_dir = prepared(spark, name, source, cfg, work)
@@ -79,10 +97,11 @@ def rows_for(spark, name: str, conf: str, overrides: list[str], source, work: st
                                                    f"{', '.join(ease['ndcg_by_lambda'])})"}]
     als = als_implicit(spark, data_dir, data, k, cfg.evaluate.relevant_rating)
     rows.append({"method": "Spark ALS implicitPrefs", **als, "settings": f"{als['settings']} (best of {als['tried']})"})
-    return [{**r, "dataset": name, "k": k} for r in rows]
+    recent = recent_grid(spark, conf, overrides, model, data_dir) if report["order"] == "ranking" else []
+    return [{**r, "dataset": name, "k": k} for r in rows], [{**r, "dataset": name} for r in recent]
 
 
-def document(rows: list[dict], command: str) -> str:
+def document(rows: list[dict], recent: list[dict], command: str) -> str:
     k = rows[0]["k"]
     lines = [f"# Top-{k} lists against their peers", "", f"`{command}`", "",
              f"{dt.date.today()}, {machine()}", "",
@@ -94,6 +113,14 @@ def document(rows: list[dict], command: str) -> str:
                      f"{r[f'recall@{k}']:.4f} | {r['catalog_coverage']:.3f} | {r['mean_popularity']:.1f} | "
                      f"{'-' if same is None else f'{same:.1%}'} | "
                      f"{'-' if rmse is None else f'{rmse:.4f}'} |")
+    if recent:
+        lines += ["", "## Leaning each user's query towards their last rated items", "",
+                  "The same model's lists, ordered by the ranking score with the query x_u + w |x_u| v / |v| (v: the "
+                  "sum of the ranking vectors of the user's last n training ratings by time; "
+                  "`recommend.recent_items` n, `recommend.recent_weight` w; n = 0 is the plain ranking score):", "",
+                  f"| data | n | w | NDCG@{k} | recall@{k} |", "|" + " --- |" * 5]
+        lines += [f"| {r['dataset']} | {r['items']} | {r['weight']:g} | {r[f'ndcg@{k}']:.4f} | {r[f'recall@{k}']:.4f} |"
+                  for r in recent]
     return "\n".join(lines) + "\n"
 
 
@@ -108,11 +135,12 @@ def main() -> None:
             {name: (overrides, ML100K) for name, overrides in SPLITS.items()})
     spark = session(config.load(args.config).spark)
     spark.sparkContext.setCheckpointDir(f"{args.work}/als-checkpoints")
-    rows = []
+    rows, recent = [], []
     for name, (overrides, source) in todo.items():
-        rows += rows_for(spark, name, args.config, overrides, source, args.work)
+        shipped, grid = rows_for(spark, name, args.config, overrides, source, args.work)
+        rows, recent = rows + shipped, recent + grid
     ran = command("topn_bench")
-    text = document(rows, ran)
+    text = document(rows, recent, ran)
     Path(args.out).write_text(text)
     print(text)
 

@@ -15,7 +15,7 @@ from pyspark.sql import SparkSession
 from pipeline import metrics, peers, storage
 from pipeline.artifacts import load_model, model_and_data, read_table, seen_items, spark_table
 from pipeline.config import Config
-from pipeline.recommend import ORDERS, list_order, recent_items
+from pipeline.recommend import ORDERS, list_order, order_words, recent_items
 from pipeline.scoring.blocks import predict_pairs, ship, top_n
 
 log = logging.getLogger(__name__)
@@ -158,6 +158,7 @@ def table(manifest: dict) -> str:
                       (f"NDCG@{k}", f"ndcg@{k}"), (f"MAP@{k}", f"map@{k}"), (f"hit rate@{k}", f"hit_rate@{k}"),
                       ("catalog coverage", "catalog_coverage"), ("mean popularity", "mean_popularity")):
         lines.append(f"  {name:<20}" + "".join(f"{column[key]:16.4f}" for column in columns.values()))
+    lines.append(f"  lists ordered by the model's {order_words(manifest)}")
     popular = manifest["peers"]["most_popular"][f"ndcg@{k}"]
     lines.append(f"  NDCG@{k} against most popular: {manifest['ranking'][f'ndcg@{k}'] / popular:.2f}x; "
                  f"{manifest['ranking']['users_given_most_popular']:.1%} of users get the most-popular list"

@@ -136,11 +136,20 @@ def _written_ids(path: str, fmt: str) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns, dtype="int64")
 
 
+def order_words(manifest: dict) -> str:
+    """What ordered a recommend or evaluate manifest's lists, in words."""
+    words, recent = ORDERS[manifest["order"]], manifest.get("recent") or {}
+    if recent.get("items") and recent.get("weight"):
+        words += (f", each user's query leaning towards their last {recent['items']} ratings "
+                  f"(weight {recent['weight']:g})")
+    return words
+
+
 def summary(manifest: dict, out: str) -> str:
     c, two = manifest["counts"], manifest.get("two_stage")
     text = (f"recommendations -> {out}/recommendations\n  top {manifest['top_n']} for {c['users']:,} users, "
             f"{c['rows']:,} rows, {c['items_covered']:,} of {c['catalog']:,} items recommended, "
-            f"{manifest['seconds']:.0f} s\n  ordered by the model's {ORDERS[manifest['order']]}")
+            f"{manifest['seconds']:.0f} s\n  ordered by the model's {order_words(manifest)}")
     if two:
         recall = "n/a" if two["recall_vs_exact"] is None else f"{two['recall_vs_exact']:.3f}"
         text += (f"\n  two-stage: {two['candidates']:,} candidates per user from {two['retrieval_model']}, "
