@@ -247,7 +247,8 @@ def owned_rows(n: int, rank: int, size: int, local: np.ndarray | None, everyones
 class Validation:
     """NDCG@k of the ranking score on a seeded sample of this rank's validation users (their relevant items: a
     validation rating >= relevant_rating; their training items masked), summed over the ranks: the figure that
-    keeps the best ranking epoch. Evaluate reports the same metric on every user."""
+    keeps the best ranking epoch. Evaluate reports the same metric on every user, its lists' queries leaning
+    towards each user's latest ratings (recommend.recent_items), which need the timestamps the ranks do not read."""
 
     def __init__(self, hvd, train: tuple[torch.Tensor, ...], valid: tuple[torch.Tensor, ...], n_users: int,
                  relevant_rating: float, k: int, seed: int):
