@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pipeline import storage
+from pipeline import kernels, storage
 from pipeline.models import registry
 from pipeline.models.base import RatingModel
 from pipeline.models.spec import ModelSpec
@@ -47,17 +47,22 @@ def spark_table(spark: SparkSession, data_dir: str, data: dict, name: str) -> Da
     return spark.read.parquet(f"{data_dir.rstrip('/')}/{data['paths'][name]}")
 
 
-def seen_items(data_dir: str, data: dict, splits: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
-    """The item_idx each user rated in the given splits, as `topk.by_user` returns them, each user's in the order
-    rated (by timestamp, then item): the last ones are the user's latest (topk.recent_queries).
+def seen_items(data_dir: str, data: dict, splits: tuple[str, ...],
+               in_order_rated: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """The item_idx each user rated in the given splits, as `topk.by_user` returns them; with `in_order_rated`,
+    each user's by timestamp, then item, so that the last ones are the user's latest (topk.recent_queries).
 
     Read on the driver and broadcast to the scoring tasks (8 bytes a rating: 160 MB for ML-20M): a Spark
     groupBy into lists, shuffled to the tasks, took longer than the scoring itself."""
-    frames = [read_table(data_dir, data, split, columns=["user_idx", "item_idx", "timestamp"]) for split in splits]
-    users, items, times = (np.concatenate([f[c].to_numpy() for f in frames])
-                           for c in ("user_idx", "item_idx", "timestamp"))
-    order = np.lexsort((items, times, users))
-    return by_user(users[order], items[order], data["counts"]["users"])
+    columns = ["user_idx", "item_idx", *(["timestamp"] if in_order_rated else [])]
+    frames = [read_table(data_dir, data, split, columns=columns) for split in splits]
+    users, items, *times = (np.concatenate([f[c].to_numpy() for f in frames]) for c in columns)
+    if not in_order_rated:
+        return by_user(users, items, data["counts"]["users"])
+    offsets, at = by_user(users, np.arange(len(users)), data["counts"]["users"])
+    items = items[at].astype(np.int32)
+    kernels.compiled().order_runs(offsets, times[0][at], items)
+    return offsets, items
 
 
 def load_model(model_dir: str) -> tuple[RatingModel, dict]:

@@ -81,9 +81,10 @@ def ranking(spark: SparkSession, cfg: Config, build, data_dir: str, data: dict, 
     valid_rows = read_table(data_dir, data, "valid", columns=["user_idx", "item_idx", "rating"])
     truth = (valid_rows[valid_rows.rating >= cfg.evaluate.relevant_rating]
              .groupby("user_idx").item_idx.apply(set))
-    seen = seen_items(data_dir, data, ("train",))
+    recent = recent_items(cfg, order)
+    seen = seen_items(data_dir, data, ("train",), in_order_rated=all(recent))
     ranked = top_n(spark, build, data["counts"]["items"], truth.index.to_numpy(), seen, k,
-                   cfg.recommend.users_per_block, order=order, recent=recent_items(cfg, order)).toPandas()
+                   cfg.recommend.users_per_block, order=order, recent=recent).toPandas()
     lists = ranked.groupby("user_idx", sort=False).item_idx.apply(list)  # in rank order already
     judged_users = truth.index.intersection(lists.index)
     relevant = [truth[u] for u in judged_users]

