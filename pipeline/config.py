@@ -136,7 +136,8 @@ class RecommendConfig:
     # predicted rating; two-stage mode re-ranks by predicted rating.
     order: Literal["auto", "ranking", "rating"] = "auto"
     # Ordered by the ranking score, a user's query vector x_u leans towards the ranking vectors of the last
-    # `recent_items` items they rated: x_u + recent_weight x |x_u| x v / |v|, v their mean (0 items or weight: off).
+    # `recent_items` items they rated: x_u + recent_weight x |x_u| x v / |v|, v the sum of those items' ranking
+    # vectors (0 items or weight: off).
     # What a user picks next resembles what they picked last (docs/benchmarks/topn.md measures both splits).
     recent_items: NonNegative = 5
     recent_weight: float = Field(0.2, ge=0)

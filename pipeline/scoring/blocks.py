@@ -54,11 +54,11 @@ def top_n(spark: SparkSession, build: Build, n_items: int, users: np.ndarray, se
           candidates: int = 0, recent: tuple[int, float] = (0, 0.0)) -> DataFrame:
     """(user_idx, rank, item_idx, score) for the given users, best first, in the order of `users`; the items
     of `seen` (artifacts.seen_items) are left out. `order` is what ranks the items: "ranking" (the model's ranking
-    score, each user's query leaning towards their `recent` = (items, weight) last rated: topk.recent_queries) or
-    "rating" (its unclipped predicted rating). With `candidates` > 0 the model scores only each user's best
-    `candidates` unseen items by the `retrieval` model (a dot-product model trained on the same data)."""
+    score, each user's query leaning towards their `recent` = (items, weight) last rated: topk.recent_queries, which
+    needs `seen` in the order rated) or "rating" (its unclipped predicted rating; `recent` stays (0, 0.0)). With
+    `candidates` > 0 the model scores only each user's best `candidates` unseen items by the `retrieval` model (a
+    dot-product model trained on the same data)."""
     shipped = spark.sparkContext.broadcast((np.asarray(users, dtype=np.int64), *seen))
-    recent = recent if order == "ranking" else (0, 0.0)
 
     def score(batches):
         model = build()
