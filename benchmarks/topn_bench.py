@@ -36,13 +36,12 @@ ALS_ITERS = 15
 RECENT_GRID = [(0, 0.0)] + list(itertools.product((3, 5, 10), (0.1, 0.2, 0.3)))
 
 
-def als_implicit(spark, data_dir: str, data: dict, k: int, relevant_rating: float) -> dict:
+def als_implicit(spark, data_dir: str, data: dict, counts, k: int, relevant_rating: float) -> dict:
     """The best NDCG@k of ALS implicitPrefs=True over ALS_GRID, judged on evaluate's users and items."""
     train_df = spark.read.parquet(f"{data_dir.rstrip('/')}/{data['paths']['train']}").persist()
     seen = artifacts.seen_items(data_dir, data, ("train",))
     valid = artifacts.read_table(data_dir, data, "valid")
     truth = valid[valid.rating >= relevant_rating].groupby("user_idx").item_idx.apply(set)
-    counts = artifacts.read_table(data_dir, data, "items").sort_values("item_idx").train_count.to_numpy()
     users, relevant = truth.index.to_numpy(), list(truth)
     best, tried = None, []
     for rank, reg, alpha in ALS_GRID:
@@ -63,12 +62,10 @@ def als_implicit(spark, data_dir: str, data: dict, k: int, relevant_rating: floa
     return {**best, "tried": len(tried)}
 
 
-def recent_grid(spark, conf: str, overrides: list[str], model: str, data_dir: str) -> list[dict]:
+def recent_grid(spark, conf: str, overrides: list[str], model: str, data_dir: str, data: dict, counts) -> list[dict]:
     """NDCG@k and recall@k of the model's lists for each (recent_items, recent_weight) of RECENT_GRID."""
-    data = storage.read_manifest(data_dir, "prepare")
     built, manifest = artifacts.load_model(model)
     build = ship(spark, built, manifest["spec"])
-    counts = artifacts.read_table(data_dir, data, "items").sort_values("item_idx").train_count.to_numpy()
     rows = []
     for items, weight in RECENT_GRID:
         cfg = config.load(conf, [*overrides, f"recommend.recent_items={items}", f"recommend.recent_weight={weight}"])
@@ -95,9 +92,10 @@ def rows_for(spark, name: str, conf: str, overrides: list[str], source, work: st
             {"method": "most popular", **report["peers"]["most_popular"], "settings": "-"},
             {"method": "EASE", **ease, "settings": f"lambda {ease['lambda']:g} (of "
                                                    f"{', '.join(ease['ndcg_by_lambda'])})"}]
-    als = als_implicit(spark, data_dir, data, k, cfg.evaluate.relevant_rating)
+    counts = artifacts.read_table(data_dir, data, "items").sort_values("item_idx").train_count.to_numpy()
+    als = als_implicit(spark, data_dir, data, counts, k, cfg.evaluate.relevant_rating)
     rows.append({"method": "Spark ALS implicitPrefs", **als, "settings": f"{als['settings']} (best of {als['tried']})"})
-    recent = recent_grid(spark, conf, overrides, model, data_dir) if report["order"] == "ranking" else []
+    recent = recent_grid(spark, conf, overrides, model, data_dir, data, counts) if report["order"] == "ranking" else []
     return [{**r, "dataset": name, "k": k} for r in rows], [{**r, "dataset": name} for r in recent]
 
 
